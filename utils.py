@@ -1,0 +1,217 @@
+"""Checkpoints, segmentation metrics, prediction images, training curves and Kaggle's RLE."""
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from model import UNet
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write a checkpoint atomically: a kill or a full disk mid-save leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True, so a pickle that would run code is refused."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain data "
+            f"(a pickle that could run code). Only load checkpoints made by this repository. ({_first_line(e)})")
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format): "
+                              f"{_first_line(e)}")
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of this repository (expected the keys "
+                              f"'model' and 'model_config', as train.py writes)")
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> UNet:
+    """Rebuild the UNet a checkpoint was trained with and load its weights."""
+    try:
+        model = UNet(**state["model_config"])
+        model.load_state_dict(state["model"])
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path}: its weights do not fit the model it describes "
+                              f"({state.get('model_config')}): {_first_line(e)}")
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
+    """(model in eval mode on device, checkpoint dict) from a checkpoint file or run folder."""
+    state = load_checkpoint(path)
+    model = model_from_checkpoint(state, path).to(device).eval()
+    return model, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+class SegmentationMetrics:
+    """Dice, IoU and pixel accuracy accumulated over a whole set of binary masks.
+
+    Reports both the global scores (sum of intersections over sum of sizes over every pixel of the
+    set) and the mean of per-image scores (Kaggle's Carvana metric). An image whose prediction and
+    target are both empty scores 1. Never averages per-batch values.
+    """
+
+    # Running sums, in this order, kept in one float64 tensor so ranks can all_reduce them at once.
+    FIELDS = ("intersection", "predicted", "target", "correct", "pixels", "dice_sum", "iou_sum", "images")
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of boolean (or {0,1}) predictions and targets of shape (N, ...)."""
+        pred = pred.bool().flatten(1)
+        target = target.bool().flatten(1)
+        inter = (pred & target).sum(1, dtype=torch.float64)
+        p = pred.sum(1, dtype=torch.float64)
+        t = target.sum(1, dtype=torch.float64)
+        union = p + t - inter
+        correct = (pred == target).sum(1, dtype=torch.float64)
+        both_empty = (p + t) == 0
+        dice = torch.where(both_empty, 1.0, 2 * inter / (p + t).clamp_min(1))
+        iou = torch.where(both_empty, 1.0, inter / union.clamp_min(1))
+        self.sums += torch.stack([inter.sum(), p.sum(), t.sum(), correct.sum(),
+                                  torch.tensor(float(pred[0].numel() * pred.shape[0]), dtype=torch.float64,
+                                               device=pred.device),
+                                  dice.sum(), iou.sum(),
+                                  torch.tensor(float(pred.shape[0]), dtype=torch.float64, device=pred.device)])
+
+    def compute(self) -> dict[str, float]:
+        """dice, iou, acc (global over the set) and mean_dice, mean_iou (per image, averaged)."""
+        s = dict(zip(self.FIELDS, self.sums.tolist()))
+        denom = s["predicted"] + s["target"]
+        union = denom - s["intersection"]
+        images = max(s["images"], 1.0)
+        return {
+            "dice": 2 * s["intersection"] / denom if denom else 1.0,
+            "iou": s["intersection"] / union if union else 1.0,
+            "acc": s["correct"] / s["pixels"] if s["pixels"] else 0.0,
+            "mean_dice": s["dice_sum"] / images,
+            "mean_iou": s["iou_sum"] / images,
+            "images": int(s["images"]),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction images, metrics table and curves
+# ---------------------------------------------------------------------------------------------
+
+def save_mask_png(mask: np.ndarray | torch.Tensor, path: str | Path) -> None:
+    """A binary mask as a single-channel PNG: 0 background, 255 foreground."""
+    from PIL import Image
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    Image.fromarray((np.asarray(mask).squeeze() > 0).astype(np.uint8) * 255, mode="L").save(path)
+
+
+def overlay(image: torch.Tensor, mask: torch.Tensor, color: str = "#ff2d55", alpha: float = 0.45) -> torch.Tensor:
+    """uint8 (3, H, W) image with a boolean (H, W) mask tinted over it."""
+    from torchvision.utils import draw_segmentation_masks
+    return draw_segmentation_masks(image, mask.bool(), alpha=alpha, colors=color)
+
+
+def save_prediction_images(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
+                           names: Sequence[str], out_dir: str | Path) -> None:
+    """For each image write NAME_pred.png (the mask) and NAME_panel.png: image | truth | prediction | overlay."""
+    from torchvision.utils import make_grid, save_image
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for image, target, pred, name in zip(images.cpu(), targets.cpu(), preds.cpu(), names):
+        image_u8 = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        pred_mask = pred.squeeze(0).bool()
+        save_mask_png(pred_mask, out_dir / f"{name}_pred.png")
+        as_rgb = lambda m: m.squeeze(0).bool().expand(3, -1, -1).to(torch.uint8) * 255
+        panel = [image_u8, as_rgb(target), as_rgb(pred), overlay(image_u8, pred_mask)]
+        grid = make_grid(torch.stack(panel).float() / 255, nrow=4, padding=4, pad_value=1.0)
+        save_image(grid, out_dir / f"{name}_panel.png")
+
+
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_acc", "lr", "seconds")
+
+
+def write_metrics_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Rewrite the per-epoch metrics table (atomically, so a kill never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_metrics_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.csv, numbers parsed; [] when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """curves.png: train/val loss and validation Dice per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss (BCE + soft Dice)", title="Loss")
+    ax_loss.legend()
+    ax_dice.plot(epochs, [r["val_dice"] for r in rows], "o-", color="tab:green")
+    ax_dice.set(xlabel="epoch", ylabel="Dice", title="Validation Dice (training size)")
+    for ax in (ax_loss, ax_dice):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kaggle's run-length encoding
+# ---------------------------------------------------------------------------------------------
+# RLE: filled in by the RLE work (rle_encode, rle_decode)
