@@ -109,7 +109,7 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndar
         img = img.convert("RGB")
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.BILINEAR)
-        return np.asarray(img)
+        return np.array(img)  # a writable copy: torch warns on read-only arrays
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -155,22 +155,38 @@ def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch
 class CarvanaDataset(Dataset):
     """Photo/mask pairs, decoded straight to the training size, then augmented together."""
 
-    def __init__(self, pairs: Sequence[tuple[Path, Path]], height: int, width: int, transform=None):
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], height: int, width: int, transform=None,
+                 cache: bool = False):
         self.pairs = list(pairs)
         self.size = (height, width)
         self.transform = transform
+        # Decoded pairs at the training size, kept per worker process: after the first epoch a
+        # worker only augments (about 10x less work than decoding a full-size JPEG and GIF).
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_path, mask_path = self.pairs[index]
-        image = load_image(image_path, self.size)
-        mask = load_mask(mask_path, self.size)
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """item is an index, or (index, seed) to make its augmentation reproducible."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, mask = self.load(index)
         if self.transform is not None:
+            if seed is not None:
+                self.transform.set_random_seed(seed)
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return to_tensors(image, mask)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The un-augmented (image, mask) pair at the training size, from the cache when it is there."""
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        image_path, mask_path = self.pairs[index]
+        pair = load_image(image_path, self.size), load_mask(mask_path, self.size)
+        if self.cache is not None:
+            self.cache[index] = pair
+        return pair
 
 
 # ---------------------------------------------------------------------------------------------
