@@ -55,6 +55,10 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        min_size = 2 ** len(self.downs)  # each level halves the size; the bottleneck needs >= 1 pixel
+        if min(x.shape[-2:]) < min_size:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is too small for {len(self.downs)} levels: "
+                             f"height and width must be at least {min_size}")
         skips = []
         for down in self.downs:
             x = down(x)        # (N, 64, 160, 240), (N, 128, 80, 120), (N, 256, 40, 60), (N, 512, 20, 30)

@@ -1,0 +1,26 @@
+"""Shared fixtures: small generated datasets (tests never need the real Carvana data)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset as ds  # noqa: E402
+
+SHARED_CARVANA = ROOT.parent / "shared" / "carvana"
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """A small synthetic Carvana-format dataset: 4 cars x 16 views at 96x64."""
+    return ds.generate_synthetic(tmp_path_factory.mktemp("synthetic") / "data", cars=4, size=(96, 64), seed=1)
+
+
+def needs_shared_carvana():
+    """Skip marker for checks that need the 32 real cars in ../shared/carvana."""
+    return pytest.mark.skipif(not (SHARED_CARVANA / "train").is_dir(),
+                              reason="../shared/carvana (real Carvana cars) is not present")

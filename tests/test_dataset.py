@@ -1,0 +1,94 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset as ds
+
+
+def copy_dataset(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_pairs_match_by_name_not_position(synthetic_dir, tmp_path):
+    data = copy_dataset(synthetic_dir, tmp_path / "data")
+    # A stray extra mask sorts between the others: pairing by position would shift every later pair.
+    first_mask = sorted((data / "train_masks").iterdir())[0]
+    shutil.copy(first_mask, data / "train_masks" / "00000000000a_01_mask.gif")
+    pairs = ds.find_pairs(data)
+    assert len(pairs) == 4 * 16
+    for image, mask in pairs:
+        assert mask.name == image.stem + "_mask.gif"
+
+
+def test_missing_mask_is_refused_with_its_name(synthetic_dir, tmp_path):
+    data = copy_dataset(synthetic_dir, tmp_path / "data")
+    victim = sorted((data / "train_masks").iterdir())[5]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        ds.find_pairs(data)
+
+
+def test_hidden_files_are_ignored(synthetic_dir, tmp_path):
+    data = copy_dataset(synthetic_dir, tmp_path / "data")
+    (data / "train" / "._0000_01.jpg").write_bytes(b"\0\0")
+    (data / "train" / ".DS_Store").write_bytes(b"\0")
+    assert len(ds.find_pairs(data)) == 4 * 16
+
+
+@pytest.mark.parametrize("val_cars", [1, 2, 0.25, 0.5, 0.01, 10])
+def test_no_car_straddles_the_split(synthetic_dir, val_cars):
+    pairs = ds.find_pairs(synthetic_dir)
+    train, val = ds.split_by_car(pairs, val_cars, seed=3)
+    assert train and val and not set(train) & set(val)
+    assert sorted(train + val) == sorted({ds.car_id(i) for i, _ in pairs})
+    train_images = {i for i, _ in ds.pairs_of_cars(pairs, train)}
+    val_images = {i for i, _ in ds.pairs_of_cars(pairs, val)}
+    assert len(train_images) + len(val_images) == len(pairs)
+    assert {ds.car_id(i) for i in train_images}.isdisjoint({ds.car_id(i) for i in val_images})
+    assert all(len([i for i in val_images if ds.car_id(i) == c]) == 16 for c in val)
+
+
+def test_split_is_deterministic_from_the_seed(synthetic_dir):
+    pairs = ds.find_pairs(synthetic_dir)
+    assert ds.split_by_car(pairs, 1, seed=0) == ds.split_by_car(pairs, 1, seed=0)
+    splits = {tuple(ds.split_by_car(pairs, 1, seed=s)[1]) for s in range(10)}
+    assert len(splits) > 1  # the seed matters
+
+
+def test_car_id_from_kaggle_names():
+    assert ds.car_id("train/0cdf5b5d0ce1_07.jpg") == "0cdf5b5d0ce1"
+
+
+def test_dataset_items_are_resized_tensors_with_binary_masks(synthetic_dir):
+    pairs = ds.find_pairs(synthetic_dir)
+    data = ds.CarvanaDataset(pairs, 32, 48, ds.train_transforms(32, 48))
+    image, mask = data[(0, 123)]
+    assert image.shape == (3, 32, 48) and image.dtype == torch.float32
+    assert 0 <= image.min() and image.max() <= 1
+    assert mask.shape == (1, 32, 48)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    again, _ = data[(0, 123)]
+    assert torch.equal(image, again)  # the same seed gives the same augmentation
+
+
+def test_mask_loads_as_zero_one_from_kaggle_palette_gif(tmp_path):
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:10, 5:25] = 1
+    gif = Image.fromarray(mask, mode="P")
+    gif.putpalette([0, 0, 0, 255, 255, 255])
+    gif.save(tmp_path / "m_mask.gif")
+    loaded = ds.load_mask(tmp_path / "m_mask.gif")
+    assert loaded.dtype == np.uint8 and np.array_equal(loaded, mask)
+    assert ds.load_mask(tmp_path / "m_mask.gif", (10, 15)).sum() == pytest.approx(mask.sum() / 4, rel=0.2)
+
+
+def test_validation_transform_does_not_augment(synthetic_dir):
+    pairs = ds.find_pairs(synthetic_dir)
+    data = ds.CarvanaDataset(pairs, 32, 48, ds.val_transforms(32, 48))
+    a, _ = data[(0, 1)]
+    b, _ = data[(0, 2)]
+    assert torch.equal(a, b)
