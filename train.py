@@ -38,7 +38,7 @@ from model import UNet, count_parameters
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """Every flag of train.py, with its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     data = p.add_argument_group("data")
@@ -88,12 +88,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--evaluate", action="store_true",
                      help="with --resume: only evaluate the checkpoint on the validation cars and print metrics")
     run.add_argument("--tta", action="store_true", help="with --evaluate: also report horizontal-flip TTA")
-    args = p.parse_args(argv)
+    return p
+
+
+# Settings that belong to the machine or to this invocation, never taken from a checkpoint.
+NOT_RESUMED = {"resume", "evaluate", "tta", "out_dir", "device", "workers"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; args.given names the flags the user typed (the rest are defaults)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for action in parser._actions:  # parse again with no defaults: what remains was typed
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(parser.parse_args(argv)))
     if args.evaluate and not args.resume:
-        p.error("--evaluate needs --resume CHECKPOINT")
+        parser.error("--evaluate needs --resume CHECKPOINT")
+    return args
+
+
+def adopt_checkpoint_config(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """On --resume, settings not typed on the command line come from the checkpoint's run."""
+    for key, value in config.items():
+        if key in vars(args) and key not in args.given and key not in NOT_RESUMED | {"given"}:
+            setattr(args, key, value)
+
+
+def resolve_data_dir(args: argparse.Namespace) -> None:
+    """The default --data-dir depends on --synthetic."""
     if args.data_dir is None:
         args.data_dir = "data/synthetic" if args.synthetic else "data/carvana"
-    return args
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -368,6 +392,11 @@ def write_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings as plain data, for config.json and checkpoints."""
+    return {k: v for k, v in vars(args).items() if k != "given"}
+
+
 def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best_dice: float,
                      args: argparse.Namespace, split: dict[str, list[str]]) -> dict[str, Any]:
     """Everything needed to resume a run or rebuild its model."""
@@ -379,7 +408,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best_dice:
         "scaler": scaler.state_dict(),
         "epoch": epoch,
         "best_dice": best_dice,
-        "config": {k: v for k, v in vars(args).items()},
+        "config": run_config(args),
         "split": split,
         "rng": torch.get_rng_state(),
     }
@@ -403,8 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume_state = utils.load_checkpoint(args.resume)
         except utils.CheckpointError as e:
             sys.exit(f"error: {e}")
+        adopt_checkpoint_config(args, resume_state.get("config", {}))
         resume_path = Path(args.resume)
         args.out_dir = args.out_dir or str(resume_path if resume_path.is_dir() else resume_path.parent)
+    resolve_data_dir(args)
     out_dir = Path(args.out_dir or default_out_dir())
 
     pairs = load_dataset_or_exit(args, rank)
@@ -451,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json({k: v for k, v in vars(args).items()}, out_dir / "config.json")
+        write_json(run_config(args), out_dir / "config.json")
         write_json(split, out_dir / "split.json")
         print(f"{len(train_pairs)} training images ({len(split['train'])} cars), {len(val_pairs)} validation "
               f"images ({len(split['val'])} cars) from {args.data_dir}; UNet {model_config['features']} "

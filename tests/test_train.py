@@ -1,0 +1,71 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+import train
+import utils
+
+TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "8", "--workers", "0",
+        "--val-cars", "1", "--num-predictions", "2"]
+RUN_FILES = ["last.pt", "best.pt", "config.json", "split.json", "metrics.csv", "curves.png"]
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "2", *TINY])
+    assert code == 0
+    return out
+
+
+def test_two_epoch_run_leaves_every_run_folder_file(two_epoch_run):
+    for name in RUN_FILES:
+        assert (two_epoch_run / name).is_file(), name
+    predictions = sorted(p.name for p in (two_epoch_run / "predictions").iterdir())
+    assert len([p for p in predictions if p.endswith("_pred.png")]) == 2
+    assert len([p for p in predictions if p.endswith("_panel.png")]) == 2
+
+
+def test_metrics_csv_has_one_row_per_epoch(two_epoch_run):
+    with open(two_epoch_run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_acc", "lr", "seconds"]
+    assert all(0 <= float(r["val_dice"]) <= 1 for r in rows)
+
+
+def test_split_json_holds_disjoint_car_ids(two_epoch_run):
+    split = json.loads((two_epoch_run / "split.json").read_text())
+    assert len(split["val"]) == 1 and len(split["train"]) == 3
+    assert not set(split["train"]) & set(split["val"])
+    config = json.loads((two_epoch_run / "config.json").read_text())
+    assert config["epochs"] == 2 and config["features"] == [4, 8]
+
+
+def test_checkpoint_holds_everything_to_resume(two_epoch_run):
+    state = utils.load_checkpoint(two_epoch_run / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "best_dice", "model_config", "config", "split"):
+        assert key in state, key
+    assert state["epoch"] == 2
+    best = utils.load_checkpoint(two_epoch_run / "best.pt")
+    assert best["best_dice"] == max(r["val_dice"] for r in utils.read_metrics_csv(two_epoch_run / "metrics.csv"))
+
+
+def test_evaluate_prints_metrics_with_resolution(two_epoch_run, synthetic_dir, capsys):
+    code = train.main(["--resume", str(two_epoch_run / "best.pt"), "--evaluate", "--data-dir", str(synthetic_dir),
+                       "--workers", "0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Dice" in out and "at 32x48" in out
+
+
+def test_empty_data_dir_exits_with_both_commands(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path / "nothing")],
+                            capture_output=True, text=True, cwd=train.Path(train.__file__).parent)
+    assert result.returncode != 0
+    assert "python dataset.py download" in result.stderr
+    assert "python train.py --synthetic" in result.stderr
+    assert "Traceback" not in result.stderr
