@@ -227,16 +227,384 @@ def parse_size(text: str) -> tuple[int, int]:
 # Kaggle download
 # ---------------------------------------------------------------------------------------------
 
+COMPETITION = "carvana-image-masking-challenge"
+RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
+CARVANA_TRAIN_PAIRS = 5088
+TEST_DIR = "test"
+ZIP_CACHE = ".zips"                     # OUT/.zips: downloads, kept until extracted
+EXTRACT_PREFIX = ".extract-"            # OUT/.extract-train-*: extraction in progress
+COMPLETE_MARKER = ".download-complete"  # in OUT/train etc.: names the zip it was fully extracted from
+KAGGLE_PARTIAL_SUFFIX = ".kaggle-partial"  # the kaggle package's resume marker next to a partial file
+TOKEN_HELP = (
+    "Create an API token: sign in at kaggle.com -> Settings -> API -> Create New Token, save the "
+    "downloaded kaggle.json as ~/.kaggle/kaggle.json and run `chmod 600 ~/.kaggle/kaggle.json` "
+    "(or export KAGGLE_API_TOKEN=<token>).")
+
+
+class DownloadError(Exception):
+    """A failure reported as one 'error: ...' line, without a traceback."""
+
+
 def add_download_args(parser: argparse.ArgumentParser) -> None:
     """Flags of `python dataset.py download`."""
     parser.add_argument("--out", default="data/carvana", help="folder to extract into (default: %(default)s)")
     parser.add_argument("--hq", action="store_true", help="download train_hq.zip instead of train.zip")
     parser.add_argument("--with-test", action="store_true", help="also download test.zip (8 GB)")
+    parser.add_argument("--force", action="store_true",
+                        help="extract again even when a folder is complete, replacing it (valid zips are reused)")
+    parser.add_argument("--keep-zips", action="store_true",
+                        help=f"keep the downloaded zips in OUT/{ZIP_CACHE} after extraction")
 
 
-def download_main(args: argparse.Namespace) -> int:
-    """Entry point of `python dataset.py download`."""
-    raise NotImplementedError  # DOWNLOAD: filled in by the Kaggle-download work
+def carvana_parts(hq: bool = False, with_test: bool = False) -> list[tuple[str, str]]:
+    """(zip on Kaggle, folder in OUT) for each part to fetch."""
+    parts = [("train_hq.zip" if hq else "train.zip", IMAGE_DIR), ("train_masks.zip", MASK_DIR)]
+    return parts + [("test.zip", TEST_DIR)] if with_test else parts
+
+
+# --- credentials and the Kaggle API ----------------------------------------------------------
+
+def read_text(path: Path) -> str:
+    """The stripped contents of a file, or '' when it is missing or unreadable."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def kaggle_config_file() -> Path:
+    """Where the kaggle package looks for kaggle.json: KAGGLE_CONFIG_DIR, ~/.kaggle, or the XDG folder."""
+    import os
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return Path(os.environ["KAGGLE_CONFIG_DIR"]) / "kaggle.json"
+    config_dir = Path.home() / ".kaggle"
+    # Same fallback as kaggle 2.x: XDG config folder on Linux when ~/.kaggle does not exist.
+    if sys.platform.startswith("linux") and not config_dir.exists():
+        config_dir = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"
+    return config_dir / "kaggle.json"
+
+
+def legacy_key_source() -> str | None:
+    """Where a username and key come from (kaggle.json merged with KAGGLE_* variables), or None."""
+    import json
+    import os
+    config = kaggle_config_file()
+    values = {}
+    if config.is_file():
+        try:
+            values = json.loads(config.read_text()) or {}
+        except (OSError, ValueError) as e:
+            raise DownloadError(f"cannot read {config} ({e}). {TOKEN_HELP}") from None
+    values.update({key[len("KAGGLE_"):].lower(): value for key, value in os.environ.items()
+                   if key.startswith("KAGGLE_")})
+    if not (values.get("username") and values.get("key")):
+        return None
+    return str(config) if config.is_file() else "KAGGLE_USERNAME/KAGGLE_KEY"
+
+
+def kaggle_credentials() -> str | None:
+    """Where the kaggle package will find credentials (its own lookup order), or None when nowhere."""
+    import os
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return "KAGGLE_API_TOKEN"
+    home_kaggle = Path.home() / ".kaggle"
+    for token in (home_kaggle / "access_token", home_kaggle / "access_token.txt"):
+        if read_text(token):
+            return str(token)
+    legacy = legacy_key_source()
+    if legacy:
+        return legacy
+    oauth = home_kaggle / "credentials.json"  # written by `kaggle auth login`
+    return str(oauth) if oauth.is_file() else None
+
+
+def kaggle_api() -> object:
+    """An authenticated KaggleApi; DownloadError when no credentials are set up or Kaggle refuses them."""
+    import contextlib
+    import io
+    source = kaggle_credentials()
+    if source is None:
+        raise DownloadError(f"no Kaggle API credentials found. {TOKEN_HELP}")
+    try:
+        # Importing kaggle authenticates and prints its own help on failure: we authenticate below
+        # and report in our words instead.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError as e:
+        raise DownloadError(f"the kaggle package is missing ({e}); install it: pip install kaggle==2.2.5") from None
+    api = KaggleApi()
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            api.authenticate()
+    except SystemExit:  # authenticate() prints its help and calls exit(1) when nothing is accepted
+        raise DownloadError(f"Kaggle did not accept the credentials in {source}. {TOKEN_HELP}") from None
+    except Exception as e:  # e.g. no network while it checks an access token
+        raise DownloadError(describe_kaggle_error(e, "checking your Kaggle credentials")) from None
+    sys.stdout.write(printed.getvalue())  # keeps its warnings, e.g. a kaggle.json readable by others
+    return api
+
+
+def describe_kaggle_error(error: Exception, action: str) -> str:
+    """One line for an exception the kaggle package raised (requests' HTTPError carries the status)."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status == 403:
+        return (f"{action}: Kaggle answered 403 Forbidden: accept the competition's rules first at {RULES_URL} "
+                f"(signed in as the owner of your API token), then rerun")
+    if status == 401:
+        return f"{action}: Kaggle answered 401 Unauthorized: your API token is invalid or expired. {TOKEN_HELP}"
+    if status is not None:
+        return f"{action}: Kaggle answered HTTP {status}; try again later"
+    detail = (str(error).splitlines() or [""])[0]
+    detail = detail if len(detail) <= 120 else detail[:117] + "..."
+    # requests' ConnectionError and Timeout, matched by name: requests comes with kaggle, not with us.
+    if any(cls.__name__ in ("ConnectionError", "Timeout") for cls in type(error).__mro__):
+        return (f"{action}: cannot reach Kaggle ({type(error).__name__}: {detail}); check your internet "
+                f"connection, then rerun (downloads resume)")
+    return f"{action}: {type(error).__name__}: {detail}"
+
+
+class LazyKaggleApi:
+    """The Kaggle API, created on first use so that runs with nothing to fetch need no credentials."""
+
+    def __init__(self, api: object | None = None):
+        self._api = api
+
+    def get(self) -> object:
+        """The API object, authenticating on the first call."""
+        if self._api is None:
+            self._api = kaggle_api()
+        return self._api
+
+
+# --- zips: reuse, fetch, test -----------------------------------------------------------------
+
+def zip_problem(path: Path) -> str | None:
+    """Why `path` is not a sound zip (bad format, bad CRC, empty), or None when it is."""
+    import zipfile
+    import zlib
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not archive.namelist():
+                return "empty archive"
+            bad = archive.testzip()
+    # Truncated or garbled files fail in several ways depending on where the damage is.
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}"
+    return f"bad CRC in {bad}" if bad else None
+
+
+def unwrap_zip(path: Path) -> Path:
+    """A zip whose only member is a zip (Kaggle wraps large files, e.g. X.zip.zip) -> that inner zip."""
+    import shutil
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if len(names) != 1 or not names[0].lower().endswith(".zip"):
+                return path
+            inner = path.with_name(path.name + ".unwrapped")
+            with archive.open(names[0]) as source, open(inner, "wb") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+    except zipfile.BadZipFile:
+        return path  # not a zip at all: zip_problem reports it
+    path.unlink()
+    return inner
+
+
+def delivered_file(staging: Path, zip_name: str) -> Path:
+    """The file the kaggle package left in `staging`: it names it after the download URL, not the request."""
+    files = [p for p in staging.iterdir() if p.is_file() and not p.name.endswith(KAGGLE_PARTIAL_SUFFIX)]
+    for expected in (zip_name, zip_name + ".zip"):
+        if staging / expected in files:
+            return staging / expected
+    if len(files) == 1:
+        return files[0]
+    found = ", ".join(sorted(p.name for p in files)) or "nothing"
+    raise DownloadError(f"downloading {zip_name} left {found} in {staging}; expected one file")
+
+
+def fetch_zip(api: object, out: Path, zip_name: str) -> Path:
+    """Download one competition file into OUT/.zips and return the zip (unwrapped when Kaggle wrapped it)."""
+    import shutil
+    # One staging folder per file, kept across runs so the kaggle package can resume a partial download.
+    staging = out / ZIP_CACHE / f"{zip_name}.part"
+    staging.mkdir(parents=True, exist_ok=True)
+    print(f"{zip_name}: downloading from Kaggle ({COMPETITION})")
+    try:
+        api.competition_download_file(COMPETITION, zip_name, path=str(staging), quiet=False)
+    except Exception as e:  # the package raises requests' HTTPError, ConnectionError, ValueError...
+        raise DownloadError(describe_kaggle_error(e, f"downloading {zip_name}")) from None
+    path = out / ZIP_CACHE / zip_name
+    unwrap_zip(delivered_file(staging, zip_name)).replace(path)
+    shutil.rmtree(staging)
+    return path
+
+
+def obtain_zip(api: LazyKaggleApi, out: Path, zip_name: str) -> Path:
+    """A tested zip: one already in OUT/ or OUT/.zips, else downloaded (again, once, if corrupt)."""
+    for path in (out / zip_name, out / ZIP_CACHE / zip_name):
+        if path.is_file():
+            print(f"{zip_name}: testing {path}")
+            problem = zip_problem(path)
+            if problem is None:
+                return path
+            print(f"warning: {path} is corrupt ({problem}); deleting it", file=sys.stderr)
+            path.unlink()
+    for attempt in range(2):
+        path = fetch_zip(api.get(), out, zip_name)
+        print(f"{zip_name}: testing {path}")
+        problem = zip_problem(path)
+        if problem is None:
+            return path
+        path.unlink()
+        if attempt == 0:
+            print(f"warning: the downloaded {zip_name} is corrupt ({problem}); downloading it again", file=sys.stderr)
+    raise DownloadError(f"{zip_name} was corrupt twice in a row ({problem}); check disk space and rerun")
+
+
+# --- extraction -------------------------------------------------------------------------------
+
+def is_extracted(target: Path, zip_name: str, force: bool = False) -> bool:
+    """True when `target` is a finished extraction of `zip_name`; DownloadError when it holds something else."""
+    if force or not target.exists():
+        return False
+    source = read_text(target / COMPLETE_MARKER)
+    if source == zip_name:
+        return True
+    if source:
+        raise DownloadError(f"{target} holds the files of {source}, not {zip_name}; rerun with --force to replace them")
+    raise DownloadError(f"{target} exists but no finished extraction is recorded in it (unzipped by hand?); "
+                        f"remove it, or rerun with --force to replace it")
+
+
+def remove_stale_extractions(out: Path, folder: str) -> None:
+    """Delete temporary folders a killed run left behind for `folder`."""
+    import shutil
+    for stale in out.glob(f"{EXTRACT_PREFIX}{folder}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def is_junk(member_name: str) -> bool:
+    """Archive members to skip: macOS resource forks and hidden files."""
+    return member_name.startswith("__MACOSX/") or Path(member_name).name.startswith(".")
+
+
+def extracted_root(tmp: Path) -> Path:
+    """The folder holding the files: the zip's single top folder (train/, train_hq/...) or tmp itself."""
+    entries = list(tmp.iterdir())
+    if not entries:
+        raise DownloadError(f"the archive extracted into {tmp} held no files")
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Rename `source` to `target`, moving an existing `target` out of the way first."""
+    import shutil
+    if target.exists():
+        old = target.with_name(f"{EXTRACT_PREFIX}{target.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.replace(old)
+        source.replace(target)
+        shutil.rmtree(old)
+    else:
+        source.replace(target)
+
+
+def extract_zip(zip_path: Path, target: Path, zip_name: str) -> None:
+    """Extract into a temporary folder next to `target`, mark it complete, then rename it into place."""
+    import shutil
+    import tempfile
+    import zipfile
+    from tqdm import tqdm
+    out = target.parent
+    remove_stale_extractions(out, target.name)
+    # Same filesystem as the target, so the final rename is atomic: a run interrupted at any point
+    # leaves either no target or a complete one.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{EXTRACT_PREFIX}{target.name}-", dir=out))
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = [m for m in archive.infolist() if not is_junk(m.filename)]
+            with tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=f"extracting {zip_name}") as progress:
+                for member in members:
+                    archive.extract(member, tmp)
+                    progress.update(member.file_size)
+        root = extracted_root(tmp)
+        (root / COMPLETE_MARKER).write_text(zip_name + "\n")
+        replace_folder(root, target)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DownloadError(f"extracting {zip_path} into {target} failed: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- the whole download -------------------------------------------------------------------------
+
+def prepare_part(api: LazyKaggleApi, out: Path, zip_name: str, folder: str,
+                 force: bool = False, keep_zips: bool = False) -> None:
+    """Make OUT/folder a complete extraction of zip_name, downloading only what is missing."""
+    target = out / folder
+    if is_extracted(target, zip_name, force):
+        print(f"{target}: already extracted from {zip_name}, skipping")
+        return
+    zip_path = obtain_zip(api, out, zip_name)
+    print(f"{zip_name}: extracting into {target}")
+    extract_zip(zip_path, target, zip_name)
+    if zip_path.parent == out / ZIP_CACHE and not keep_zips:
+        zip_path.unlink()  # only our own downloads: a zip the user put in OUT/ stays
+
+
+def check_download(out: Path, with_test: bool = False) -> list[tuple[Path, Path]]:
+    """Check that every photo has its mask and report the counts; returns the pairs."""
+    try:
+        pairs = find_pairs(out)
+    except FileNotFoundError as e:
+        raise DownloadError(str(e)) from None
+    if not pairs:
+        raise DownloadError(f"no photos found in {out / IMAGE_DIR} after extraction")
+    print(f"{len(pairs)} photo/mask pairs in {out}")
+    if len(pairs) != CARVANA_TRAIN_PAIRS:
+        print(f"warning: the full Carvana train set has {CARVANA_TRAIN_PAIRS} pairs, found {len(pairs)}",
+              file=sys.stderr)
+    if with_test:
+        tests = [p for p in (out / TEST_DIR).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p)]
+        print(f"{len(tests)} test photos in {out / TEST_DIR}")
+    return pairs
+
+
+def download_carvana(out: str | Path, hq: bool = False, with_test: bool = False, api: object | None = None,
+                     force: bool = False, keep_zips: bool = False) -> list[tuple[Path, Path]]:
+    """Download and extract Carvana into OUT/train, OUT/train_masks (and OUT/test); returns the pairs.
+
+    `api` stands in for kaggle's KaggleApi (anything with competition_download_file); None means
+    check the credentials, then import kaggle and authenticate, and only if something must be fetched.
+    """
+    import contextlib
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lazy_api = LazyKaggleApi(api)
+    for zip_name, folder in carvana_parts(hq, with_test):
+        prepare_part(lazy_api, out, zip_name, folder, force=force, keep_zips=keep_zips)
+    with contextlib.suppress(OSError):
+        (out / ZIP_CACHE).rmdir()  # only when empty
+    return check_download(out, with_test)
+
+
+def download_main(args: argparse.Namespace, api: object | None = None) -> int:
+    """Entry point of `python dataset.py download`; `api` replaces the Kaggle API in tests."""
+    import shlex
+    try:
+        download_carvana(args.out, hq=args.hq, with_test=args.with_test, api=api,
+                         force=args.force, keep_zips=args.keep_zips)
+    except (DownloadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to continue (finished parts are kept)", file=sys.stderr)
+        return 130
+    print(f"Done. Train with:\n    python train.py --data-dir {shlex.quote(str(args.out))}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
