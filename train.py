@@ -208,10 +208,11 @@ class SeededSampler(Sampler):
     def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's order; skip its first `skip` items (those an interrupted run already did)."""
+        self.epoch, self.skip = epoch, skip
 
     def _order(self) -> tuple[list[int], list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -220,7 +221,8 @@ class SeededSampler(Sampler):
         if self.shuffle and self.n % self.world_size:  # equal shares keep DDP's collectives in step
             pad = self.world_size - self.n % self.world_size
             order, seeds = order + order[:pad], seeds + seeds[:pad]
-        return order[self.rank::self.world_size], seeds[self.rank::self.world_size]
+        shard = slice(self.rank, None, self.world_size)
+        return order[shard][self.skip:], seeds[shard][self.skip:]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(zip(*self._order()))
@@ -280,29 +282,52 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequested(Exception):
-    """SIGINT or SIGTERM arrived: stop after the current step."""
+    """SIGINT or SIGTERM arrived; carries the interrupted epoch's progress so it can be resumed."""
+
+    def __init__(self, progress: dict[str, float]):
+        super().__init__("stop requested")
+        self.progress = progress
 
 
-_stop_signal: list[int] = []
+_stop_signals: list[int] = []
 
 
 def _request_stop(signum: int, frame: Any) -> None:
-    _stop_signal.append(signum)
+    """Signal handler: note the request; the training loop stops after the current step."""
+    _stop_signals.append(signum)
+
+
+def stop_requested(device: torch.device, distributed: bool) -> bool:
+    """Whether a stop signal arrived (in any process, so that all ranks stop at the same step)."""
+    if not distributed:
+        return bool(_stop_signals)
+    flag = torch.tensor([float(bool(_stop_signals))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler, device: torch.device,
                     amp_dtype: torch.dtype | None, args: argparse.Namespace, epoch: int,
-                    show_progress: bool = True) -> float:
-    """One pass over the training data; returns the mean loss per image (over all processes)."""
+                    progress: dict[str, float] | None = None, show_progress: bool = True) -> float:
+    """One pass over the training data; returns the mean loss per image (over all processes).
+
+    progress ({"step", "loss_sum", "count"}) resumes an epoch that a signal interrupted: its first
+    `step` batches are skipped and their loss is carried over.
+    """
     model.train()
-    loader.sampler.set_epoch(epoch)
+    progress = progress or {"step": 0, "loss_sum": 0.0, "count": 0.0}
+    first_step = int(progress["step"])
+    loader.sampler.set_epoch(epoch, skip=first_step * args.batch_size)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync inside the step
-    count = torch.zeros((), device=device)
+    distributed = dist.is_available() and dist.is_initialized()
+    # Summed on the device: no host sync inside the step.
+    loss_sum = torch.tensor(progress["loss_sum"], device=device)
+    count = torch.tensor(progress["count"], device=device)
+    first_bad_step = torch.tensor(-1, device=device)
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs} train", leave=False, disable=not show_progress,
-               dynamic_ncols=True)
-    for step, (images, masks) in enumerate(bar, start=1):
+               dynamic_ncols=True, initial=first_step, total=first_step + len(loader))
+    for step, (images, masks) in enumerate(bar, start=first_step + 1):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -313,28 +338,31 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skipped by the fp16 grad scaler when gradients overflowed
         scaler.update()
         scheduler.step()
-        loss_sum += loss.detach() * images.shape[0]
-        count += images.shape[0]
-        if step % 10 == 0 or step == len(loader):
-            mean = (loss_sum / count).item()  # one sync every 10 steps, for the bar and the NaN check
-            _check_finite(mean, epoch, step, scaler)
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if _stop_signal:
-            raise StopRequested()
+        finite = torch.isfinite(loss.detach())
+        loss_sum += torch.where(finite, loss.detach() * images.shape[0], 0.0)
+        count += torch.where(finite, images.shape[0], 0)
+        first_bad_step = torch.where(~finite & (first_bad_step < 0), step, first_bad_step)
+        last = step == first_step + len(loader)
+        if step % 10 == 0 or last:  # one host sync every 10 steps: the bar and the NaN check
+            _check_finite(int(first_bad_step), epoch, scaler)
+            bar.set_postfix(loss=f"{(loss_sum / count.clamp_min(1)).item():.4f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if not last and (step % 10 == 0 or not distributed) and stop_requested(device, distributed):
+            raise StopRequested({"step": step, "loss_sum": loss_sum.item(), "count": count.item()})
     totals = all_reduce_sum(torch.stack([loss_sum, count]))
     return (totals[0] / totals[1].clamp_min(1)).item()
 
 
-def _check_finite(mean_loss: float, epoch: int, step: int, scaler: torch.amp.GradScaler) -> None:
+def _check_finite(first_bad_step: int, epoch: int, scaler: torch.amp.GradScaler) -> None:
     """Stop on a non-finite loss, unless fp16's grad scaler is still skipping overflow steps."""
-    if math.isfinite(mean_loss):
+    if first_bad_step < 0:
         return
-    if scaler.is_enabled() and scaler.get_scale() > 1.0:
-        return  # the scaler skips these steps and lowers its scale; only a collapsed scale is fatal
-    raise NonFiniteLossError(f"the loss became {mean_loss} in epoch {epoch} by step {step}; "
+    if scaler.is_enabled() and scaler.get_scale() >= 1.0:
+        return  # the scaler skipped those steps and lowered its scale; only a collapsed scale is fatal
+    raise NonFiniteLossError(f"the loss became NaN or infinite in epoch {epoch} at step {first_bad_step}; "
                              f"lower --lr or try --amp off. The last good checkpoint is kept.")
 
 
@@ -397,9 +425,11 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k != "given"}
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best_dice: float,
-                     args: argparse.Namespace, split: dict[str, list[str]]) -> dict[str, Any]:
-    """Everything needed to resume a run or rebuild its model."""
+def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     scaler: torch.amp.GradScaler, epoch: int, best_dice: float, args: argparse.Namespace,
+                     split: dict[str, list[str]], rows: list[dict[str, Any]],
+                     progress: dict[str, float] | None = None) -> dict[str, Any]:
+    """Everything needed to resume a run (epoch = the last completed one) or to rebuild its model."""
     return {
         "model": unwrap(model).state_dict(),
         "model_config": unwrap(model).config,
@@ -407,7 +437,9 @@ def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best_dice:
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,
+        "progress": progress,  # position inside the next epoch when a signal interrupted it
         "best_dice": best_dice,
+        "metrics": rows,       # the source of truth for metrics.csv on resume
         "config": run_config(args),
         "split": split,
         "rng": torch.get_rng_state(),
@@ -419,47 +451,74 @@ def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best_dice:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, then train (or evaluate); returns the exit status."""
     args = parse_args(argv)
     rank, world_size, local_rank = init_distributed()
-    is_main = rank == 0
-    device = select_device(args.device, local_rank)
-    amp_dtype = autocast_dtype(device, args.amp)
-    torch.manual_seed(args.seed)
+    handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _stop_signals.clear()
+    try:
+        return run(args, rank, world_size, local_rank)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    resume_state = None
-    if args.resume:
+
+def load_resume_state(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The --resume checkpoint (its settings adopted into args), or None when not resuming."""
+    if not args.resume:
+        return None
+    try:
+        state = utils.load_checkpoint(args.resume)
+    except utils.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    adopt_checkpoint_config(args, state.get("config", {}))
+    resume_path = Path(args.resume)
+    args.out_dir = args.out_dir or str(resume_path if resume_path.is_dir() else resume_path.parent)
+    return state
+
+
+def build_model(args: argparse.Namespace, state: dict[str, Any] | None, device: torch.device,
+                world_size: int, local_rank: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model to save, model to run): the UNet (from the checkpoint when resuming), wrapped for DDP/compile."""
+    if state is None:
+        model = UNet(features=args.features)
+    else:
         try:
-            resume_state = utils.load_checkpoint(args.resume)
+            model = utils.model_from_checkpoint(state, args.resume)
         except utils.CheckpointError as e:
             sys.exit(f"error: {e}")
-        adopt_checkpoint_config(args, resume_state.get("config", {}))
-        resume_path = Path(args.resume)
-        args.out_dir = args.out_dir or str(resume_path if resume_path.is_dir() else resume_path.parent)
-    resolve_data_dir(args)
-    out_dir = Path(args.out_dir or default_out_dir())
-
-    pairs = load_dataset_or_exit(args, rank)
-    if resume_state is not None and "split" in resume_state:
-        split = resume_state["split"]
-    else:
-        train_cars, val_cars = ds.split_by_car(pairs, args.val_cars, args.seed)
-        split = {"train": train_cars, "val": val_cars}
-    train_pairs, val_pairs = ds.pairs_of_cars(pairs, split["train"]), ds.pairs_of_cars(pairs, split["val"])
-    if not val_pairs:
-        sys.exit(f"error: none of the checkpoint's validation cars are in {args.data_dir}")
-
-    model_config = resume_state["model_config"] if resume_state else {"features": args.features}
-    model = UNet(**model_config)
-    if resume_state:
-        model = utils.model_from_checkpoint(resume_state, args.resume)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if world_size > 1:
         if args.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None)
-    train_model = torch.compile(model) if args.compile else model
+    return model, torch.compile(model) if args.compile else model
 
+
+def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -> int:
+    """Set up data, model and optimiser, then train epoch by epoch (or only evaluate)."""
+    is_main = rank == 0
+    device = select_device(args.device, local_rank)
+    amp_dtype = autocast_dtype(device, args.amp)
+    torch.manual_seed(args.seed)
+    state = load_resume_state(args)
+    resolve_data_dir(args)
+    out_dir = Path(args.out_dir or default_out_dir())
+
+    pairs = load_dataset_or_exit(args, rank)
+    if state is not None and state.get("split"):
+        split = state["split"]
+    else:
+        train_cars, val_cars = ds.split_by_car(pairs, args.val_cars, args.seed)
+        split = {"train": train_cars, "val": val_cars}
+    train_pairs, val_pairs = ds.pairs_of_cars(pairs, split["train"]), ds.pairs_of_cars(pairs, split["val"])
+    if not val_pairs:
+        sys.exit(f"error: none of the validation cars of {args.resume} are in {args.data_dir}")
+
+    model, train_model = build_model(args, state, device, world_size, local_rank)
     val_loader = make_loader(val_pairs, args, False, rank, world_size, device)
     if args.evaluate:
         return run_evaluation(train_model, val_loader, args, device, amp_dtype, is_main)
@@ -470,44 +529,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_loader), pct_start=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, best_dice = 1, -1.0
-    rows = utils.read_metrics_csv(out_dir / "metrics.csv") if resume_state else []
-    if resume_state:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
-        torch.set_rng_state(resume_state["rng"])
-        start_epoch, best_dice = resume_state["epoch"] + 1, resume_state["best_dice"]
-        rows = [r for r in rows if r["epoch"] < start_epoch]
+    start_epoch, best_dice, rows, progress = 1, -1.0, [], None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, best_dice = state["epoch"] + 1, state["best_dice"]
+        rows, progress = list(state.get("metrics", [])), state.get("progress")
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_config(args), out_dir / "config.json")
         write_json(split, out_dir / "split.json")
         print(f"{len(train_pairs)} training images ({len(split['train'])} cars), {len(val_pairs)} validation "
-              f"images ({len(split['val'])} cars) from {args.data_dir}; UNet {model_config['features']} "
+              f"images ({len(split['val'])} cars) from {args.data_dir}; UNet {unwrap(model).config['features']} "
               f"({count_parameters(model) / 1e6:.1f} M parameters) on {device}"
               f"{f' x{world_size}' if world_size > 1 else ''}, amp {amp_dtype or 'off'}; run folder {out_dir}")
+        if start_epoch > 1 or progress:
+            print(f"resuming at epoch {start_epoch}" + (f", step {progress['step']}" if progress else ""))
 
-    signal.signal(signal.SIGINT, _request_stop)
-    signal.signal(signal.SIGTERM, _request_stop)
+    def state_at(epoch: int, progress: dict[str, float] | None = None) -> dict[str, Any]:
+        return checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_dice, args, split, rows, progress)
+
     preview = list(range(min(args.num_predictions, len(val_pairs))))
-    epoch = start_epoch - 1
-    try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            started = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs + 1):
+        started = time.perf_counter()
+        try:
             train_loss = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, device,
-                                         amp_dtype, args, epoch, show_progress=is_main)
-            val = evaluate(train_model, val_loader, device, amp_dtype, args.channels_last, show_progress=is_main)
-            seconds = time.perf_counter() - started
-            improved = val["dice"] > best_dice
-            best_dice = max(best_dice, val["dice"])
-            if not is_main:
-                continue
+                                         amp_dtype, args, epoch, progress, show_progress=is_main)
+        except StopRequested as stop:
+            if is_main:
+                utils.save_checkpoint(state_at(epoch - 1, stop.progress), out_dir / "last.pt")
+                print(f"\nstopped by signal at step {stop.progress['step']} of epoch {epoch}; saved "
+                      f"{out_dir / 'last.pt'}. Resume with: python train.py --resume {out_dir}", file=sys.stderr)
+            return 130
+        except NonFiniteLossError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        progress = None
+        val = evaluate(train_model, val_loader, device, amp_dtype, args.channels_last, show_progress=is_main)
+        seconds = time.perf_counter() - started
+        improved = val["dice"] > best_dice
+        best_dice = max(best_dice, val["dice"])
+        if is_main:
             rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
                          "val_iou": val["iou"], "val_acc": val["acc"], "lr": scheduler.get_last_lr()[0],
                          "seconds": seconds})
-            state = checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_dice, args, split)
+            state = state_at(epoch)
             utils.save_checkpoint(state, out_dir / "last.pt")
             if improved:
                 utils.save_checkpoint(state, out_dir / "best.pt")
@@ -515,16 +584,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  amp_dtype)
             utils.write_metrics_csv(rows, out_dir / "metrics.csv")
             utils.plot_curves(rows, out_dir / "curves.png")
-            print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val {format_metrics(val, args.height, args.width)}"
-                  f"  {seconds:.1f}s{'  (best)' if improved else ''}", flush=True)
-    except StopRequested:
-        if is_main:
-            print(f"\nstopped by signal during epoch {epoch}; {out_dir / 'last.pt'} holds epoch {epoch - 1}. "
-                  f"Resume with: python train.py --resume {out_dir}", file=sys.stderr)
-        return 130
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+            print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  "
+                  f"val {format_metrics(val, args.height, args.width)}  {seconds:.1f}s"
+                  f"{'  (best)' if improved else ''}", flush=True)
+        if epoch < args.epochs and stop_requested(device, world_size > 1):
+            if is_main:
+                print(f"\nstopped by signal after epoch {epoch}; {out_dir / 'last.pt'} holds it. "
+                      f"Resume with: python train.py --resume {out_dir}", file=sys.stderr)
+            return 130
     if is_main:
         print(f"done: best validation Dice {best_dice:.4f} at {args.height}x{args.width}; run folder {out_dir}")
     return 0
