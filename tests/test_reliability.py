@@ -1,0 +1,193 @@
+"""Crash safety and untrusted checkpoints: nothing lost, nothing run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+import utils
+from model import UNet
+
+ROOT = Path(train.__file__).parent
+TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "8", "--workers", "0",
+        "--val-cars", "1", "--num-predictions", "1"]
+
+
+def weights(path):
+    return utils.load_checkpoint(path)["model"]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def metric_rows(run):
+    """metrics.csv rows without the wall-clock column."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in utils.read_metrics_csv(run / "metrics.csv")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "3", *TINY]) == 0
+    return out
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def checkpoint_epoch(path):
+    try:
+        return utils.load_checkpoint(path)["epoch"]
+    except utils.CheckpointError:
+        return 0
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(synthetic_dir, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "3", *TINY]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: checkpoint_epoch(out / "last.pt") >= 1), "the run never finished epoch 1"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    killed_at = checkpoint_epoch(out / "last.pt")
+    assert killed_at < 3, "the run finished before it could be killed; the test proves nothing"
+    assert train.main(["--resume", str(out), "--workers", "0"]) == 0
+    assert same_weights(weights(out / "last.pt"), weights(uninterrupted / "last.pt"))
+    assert metric_rows(out) == metric_rows(uninterrupted)
+
+
+def test_signal_mid_epoch_saves_and_resume_is_exact(synthetic_dir, uninterrupted, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    calls = []
+    original = train.bce_dice_loss
+
+    def loss_then_signal(logits, target):
+        calls.append(1)
+        if len(calls) == 9:  # a training step in the middle of epoch 2 (6 steps + 1 validation per epoch)
+            train._request_stop(signal.SIGTERM, None)
+        return original(logits, target)
+
+    monkeypatch.setattr(train, "bce_dice_loss", loss_then_signal)
+    code = train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "3", *TINY])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Resume with: python train.py --resume" in err
+    state = utils.load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1 and state["progress"]["step"] > 0
+    monkeypatch.setattr(train, "bce_dice_loss", original)
+    assert train.main(["--resume", str(out / "last.pt")]) == 0
+    assert same_weights(weights(out / "last.pt"), weights(uninterrupted / "last.pt"))
+    assert metric_rows(out) == metric_rows(uninterrupted)
+
+
+def test_sigint_from_outside_exits_nonzero_and_says_how_to_resume(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "50", *TINY]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: checkpoint_epoch(out / "last.pt") >= 1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "Resume with: python train.py --resume" in err and "Traceback" not in err
+    assert utils.load_checkpoint(out / "last.pt")["epoch"] >= 1
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(
+        synthetic_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    calls = []
+    original = train.bce_dice_loss
+
+    def nan_in_epoch_2(logits, target):
+        calls.append(1)
+        loss = original(logits, target)
+        return loss * float("nan") if len(calls) == 10 else loss
+
+    monkeypatch.setattr(train, "bce_dice_loss", nan_in_epoch_2)
+    assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "3", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "epoch 2 at step 3" in err
+    state = utils.load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_interrupted_save_leaves_the_old_checkpoint_loadable(tmp_path, monkeypatch):
+    model = UNet(features=(4,))
+    path = tmp_path / "last.pt"
+    utils.save_checkpoint({"model": model.state_dict(), "model_config": model.config, "epoch": 1}, path)
+
+    def crash(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(utils.os, "replace", crash)  # the temporary file is written, the rename fails
+    with pytest.raises(OSError):
+        utils.save_checkpoint({"model": model.state_dict(), "model_config": model.config, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path)["epoch"] == 1
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+class Payload:
+    """Unpickling this runs code: it creates a file named by MARKER."""
+    MARKER = None
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.MARKER}",))
+
+
+def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    Payload.MARKER = marker
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_config": {}, "config": Payload()}, evil)
+    with pytest.raises(utils.CheckpointError, match="refused"):
+        utils.load_checkpoint(evil)
+    assert not marker.exists()
+    result = subprocess.run([sys.executable, "train.py", "--resume", str(evil), "--evaluate"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "refused" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the payload is live: an unprotected load does run it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("case", ["other_architecture", "truncated", "not_a_checkpoint", "missing", "plain_dict"])
+def test_bad_checkpoints_give_one_clear_line(case, tmp_path, synthetic_dir):
+    path = tmp_path / "bad.pt"
+    model = UNet(features=(4, 8))
+    good = {"model": model.state_dict(), "model_config": model.config}
+    if case == "other_architecture":
+        torch.save({**good, "model_config": {"features": [8, 16]}}, path)
+    elif case == "truncated":
+        torch.save(good, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif case == "not_a_checkpoint":
+        path.write_text("hello, I am a text file\n")
+    elif case == "plain_dict":
+        torch.save({"weights": torch.zeros(3)}, path)
+    result = subprocess.run([sys.executable, "train.py", "--resume", str(path), "--evaluate",
+                             "--data-dir", str(synthetic_dir), "--workers", "0"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0]
