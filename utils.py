@@ -214,4 +214,72 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Kaggle's run-length encoding
 # ---------------------------------------------------------------------------------------------
-# RLE: filled in by the RLE work (rle_encode, rle_decode)
+# Kaggle numbers pixels from 1, row by row (row-major over the (1280, 1918) array, as in
+# train_masks.csv), and writes "start length" pairs separated by spaces; an empty mask is "".
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Kaggle's run-length encoding of a 2-D mask (nonzero = foreground); "" for an empty mask."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"rle_encode expects a 2-D (height, width) mask, got shape {mask.shape}")
+    # Pad with background on both ends so every run has a start and an end transition.
+    pixels = np.zeros(mask.size + 2, dtype=bool)
+    np.not_equal(mask.ravel(), 0, out=pixels[1:-1])
+    # A transition pixels[i] != pixels[i + 1] sits at 0-based mask pixel i; + 1 makes it the 1-based
+    # number of a run's first pixel (a start) or of the pixel just past its last (an end).
+    runs = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1
+    runs[1::2] -= runs[::2]  # ends -> lengths
+    return " ".join(map(str, runs.tolist()))
+
+
+def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 {0, 1} mask of shape (height, width) from Kaggle's run-length encoding."""
+    height, width = (int(v) for v in shape)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"rle_decode: shape must be two positive sizes, got {tuple(shape)}")
+    n = height * width
+    starts, lengths = _parse_runs(rle)
+    _check_runs(starts, lengths, n, (height, width))
+    # +1 at each run's first pixel, -1 one past its last (0-based); the running sum is the mask.
+    delta = np.zeros(n + 1, dtype=np.int8)
+    np.add.at(delta, starts - 1, 1)
+    np.add.at(delta, starts - 1 + lengths, -1)
+    return np.cumsum(delta[:-1], dtype=np.int8).view(np.uint8).reshape(height, width)
+
+
+def _parse_runs(rle: str) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) as int64 arrays; ValueError unless rle is whitespace-separated integer pairs."""
+    tokens = rle.split()
+    if len(tokens) % 2:
+        raise ValueError(f"RLE has an odd number of values ({len(tokens)}): expected 'start length' pairs")
+    try:
+        runs = np.array(tokens, dtype=np.int64).reshape(-1, 2)
+    except (ValueError, OverflowError):
+        bad = next(t for t in tokens if not _is_int64(t))
+        raise ValueError(f"RLE value {bad[:30]!r} is not an integer that fits in 64 bits") from None
+    return runs[:, 0], runs[:, 1]
+
+
+def _is_int64(token: str) -> bool:
+    try:
+        np.int64(token)
+        return True
+    except (ValueError, OverflowError):
+        return False
+
+
+def _check_runs(starts: np.ndarray, lengths: np.ndarray, n: int, shape: tuple[int, int]) -> None:
+    """Raise ValueError unless every run lies inside the n pixels and the runs are sorted and disjoint."""
+    def first(bad: np.ndarray, why: str) -> None:
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"RLE run {i + 1} ('{starts[i]} {lengths[i]}') {why}")
+
+    first(starts < 1, "starts before pixel 1 (pixels are numbered from 1)")
+    first(lengths < 1, "has a length below 1")
+    # starts and lengths are now in 1..2**63-1; compare without forming start + length, which could overflow.
+    first(lengths > n - starts + 1, f"ends past the last pixel {n} of a {shape[0]}x{shape[1]} mask")
+    # Kaggle requires sorted pairs with no pixel listed twice.
+    overlaps = np.zeros(len(starts), dtype=bool)
+    overlaps[1:] = starts[1:] < starts[:-1] + lengths[:-1]
+    first(overlaps, "starts before the end of the previous run (runs must be sorted and must not overlap)")
