@@ -122,39 +122,6 @@ def open_submission(path: Path | None) -> Iterator[Any]:
 # Model
 # ---------------------------------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; any other name must be an available device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name}: not a device name (try auto, cpu, cuda, cuda:1 or mps)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or (device.index or 0) >= torch.cuda.device_count()):
-        raise InputError(f"--device {name}: no such CUDA device here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {name}: MPS is not available here")
-    return device
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The reduced precision to run the model in on this device, or None for float32."""
-    if device.type == "cuda":
-        # GPUs before Ampere only emulate bf16; float16 is fine for inference (no gradients to overflow).
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        # oneDNN gains from bf16 only with native instructions (AVX512-BF16 or AMX).
-        native = [getattr(torch.cpu, name, lambda: False)()
-                  for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return torch.bfloat16 if any(native) else None
-    return None
-
-
 def load_binary_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
     """(model in eval mode, channels_last, on device; its training size (height, width)) from a checkpoint."""
     model, state = utils.load_model(checkpoint, device)
@@ -217,7 +184,7 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int]
                   tta: bool = False) -> Iterator[tuple[Path, np.ndarray]]:
     """(path, bool mask at the image's own resolution) for each path, in order, on the model's device."""
     device = next(model.parameters()).device
-    dtype = autocast_dtype(device)
+    dtype = utils.autocast_dtype(device)
     loader = DataLoader(ImageFiles(paths, size), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     for images, sizes, indices, errors in loader:
@@ -225,7 +192,7 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int]
             raise InputError(bad[0])
         # (N, h, w, 3) uint8 permuted to (N, 3, h, w) is already channels_last in memory.
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        with utils.autocast(device, dtype):
             probs = predict_probabilities(model, x, tta)
         for prob, (height, width), index in zip(probs, sizes.tolist(), indices.tolist()):
             # Upsample the probabilities, not the thresholded mask, so edges are smooth at full size.
@@ -258,13 +225,10 @@ def _probability(text: str) -> float:
     return value
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Flag defaults in the help, and the module docstring's examples kept as written."""
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """predict.py's command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     required = {"required": True, "default": argparse.SUPPRESS}  # no "(default: None)" in the help
     parser.add_argument("--checkpoint", type=Path, metavar="FILE", **required,
                         help="checkpoint written by train.py (e.g. runs/NAME/best.pt), or a run folder "
@@ -297,7 +261,10 @@ def run(args: argparse.Namespace) -> None:
     """Predict every input image and write masks, overlays and the submission."""
     paths = find_images(args.input)
     check_output_names(paths)
-    device = pick_device(args.device)
+    try:
+        device = utils.select_device(args.device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     model, size = load_binary_model(args.checkpoint, device)
     try:
         args.output.mkdir(parents=True, exist_ok=True)

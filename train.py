@@ -12,7 +12,6 @@ curves.png and predictions/.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from model import UNet, count_parameters
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of train.py, with its default."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=None,
                       help="dataset folder in Kaggle's layout (train/*.jpg, train_masks/*_mask.gif); "
@@ -120,51 +119,17 @@ def resolve_data_dir(args: argparse.Namespace) -> None:
         args.data_dir = "data/synthetic" if args.synthetic else "data/carvana"
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the description's line breaks."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Devices, precision, processes
 # ---------------------------------------------------------------------------------------------
 
-def select_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for this device, or None for full fp32."""
-    if amp == "off":
-        return None
-    if amp in ("bf16", "fp16"):
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and _cpu_has_bf16():
-        return torch.bfloat16  # about 2x faster than fp32 on CPUs with AVX-512 BF16 or AMX
-    return None
-
-
-def _cpu_has_bf16() -> bool:
-    """True when oneDNN can run bf16 natively on this CPU (emulated bf16 is slower than fp32)."""
+def select_device_or_exit(name: str, local_rank: int) -> torch.device:
+    """utils.select_device, with a bad --device reported as one line."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast for dtype, or a no-op context when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+        return utils.select_device(name, local_rank)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -330,7 +295,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     for step, (images, masks) in enumerate(bar, start=first_step + 1):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
+        with utils.autocast(device, amp_dtype):
             logits = model(images)
         loss = bce_dice_loss(logits, masks)
         optimizer.zero_grad(set_to_none=True)
@@ -378,7 +343,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
     for images, masks in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
+        with utils.autocast(device, amp_dtype):
             logits = model(images)
         loss_sum += bce_dice_loss(logits, masks).double() * images.shape[0]
         metrics.update(logits > 0, masks > 0.5)
@@ -396,7 +361,7 @@ def save_predictions(model: torch.nn.Module, data: ds.CarvanaDataset, indices: S
     model.eval()
     images, masks = zip(*(data[i] for i in indices))
     images, masks = torch.stack(images), torch.stack(masks)
-    with autocast(device, amp_dtype):
+    with utils.autocast(device, amp_dtype):
         logits = model(images.to(device))
     names = [data.pairs[i][0].stem for i in indices]
     utils.save_prediction_images(images, masks, logits.float().cpu() > 0, names, out_dir)
@@ -501,8 +466,8 @@ def build_model(args: argparse.Namespace, state: dict[str, Any] | None, device: 
 def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -> int:
     """Set up data, model and optimiser, then train epoch by epoch (or only evaluate)."""
     is_main = rank == 0
-    device = select_device(args.device, local_rank)
-    amp_dtype = autocast_dtype(device, args.amp)
+    device = select_device_or_exit(args.device, local_rank)
+    amp_dtype = utils.autocast_dtype(device, args.amp)
     torch.manual_seed(args.seed)
     state = load_resume_state(args)
     resolve_data_dir(args)

@@ -122,7 +122,7 @@ def test_threshold_extremes_give_full_and_empty_masks(tmp_path: Path, images: Pa
 
 def test_masks_are_thresholded_after_upsampling(monkeypatch: pytest.MonkeyPatch, images: Path,
                                                 checkpoint: Path) -> None:
-    monkeypatch.setattr(predict, "autocast_dtype", lambda device: None)  # float32, to compare exactly
+    monkeypatch.setattr(utils, "autocast_dtype", lambda device, amp="auto": None)  # float32, to compare exactly
     model, size = predict.load_binary_model(checkpoint, torch.device("cpu"))
     paths = predict.find_images([images])
     results = list(predict.predict_paths(model, paths, size, batch_size=2, tta=True))
@@ -228,9 +228,7 @@ def test_folder_without_images(tmp_path: Path, checkpoint: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize("problem", [
-    "missing", "truncated", "no training size", "multi-class",
-    pytest.param("text", marks=pytest.mark.xfail(
-        reason="utils.load_checkpoint lets the IndexError of torch's weights-only unpickler through")),
+    "missing", "truncated", "no training size", "multi-class", "text",
 ])
 def test_bad_checkpoint(tmp_path: Path, images: Path, capsys: pytest.CaptureFixture, problem: str) -> None:
     path = tmp_path / "best.pt"
