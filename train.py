@@ -484,9 +484,9 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
         sys.exit(f"error: none of the validation cars of {args.resume} are in {args.data_dir}")
 
     model, train_model = build_model(args, state, device, world_size, local_rank)
-    val_loader = make_loader(val_pairs, args, False, rank, world_size, device)
     if args.evaluate:
-        return run_evaluation(train_model, val_loader, args, device, amp_dtype, is_main)
+        return run_evaluation(train_model, val_pairs, args, device, amp_dtype, rank, world_size)
+    val_loader = make_loader(val_pairs, args, False, rank, world_size, device)
 
     train_loader = make_loader(train_pairs, args, True, rank, world_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -562,12 +562,85 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     return 0
 
 
-def run_evaluation(model: torch.nn.Module, val_loader: DataLoader, args: argparse.Namespace,
-                   device: torch.device, amp_dtype: torch.dtype | None, is_main: bool) -> int:
-    """--evaluate: print the checkpoint's validation metrics."""
-    val = evaluate(model, val_loader, device, amp_dtype, args.channels_last, show_progress=is_main)
-    if is_main:
-        print(f"validation {format_metrics(val, args.height, args.width)}")
+class FullResolutionPairs(torch.utils.data.Dataset):
+    """Validation items for --evaluate: the image and mask at the training size plus the original mask."""
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], height: int, width: int):
+        self.resized = ds.CarvanaDataset(pairs, height, width, ds.val_transforms(height, width))
+
+    def __len__(self) -> int:
+        return len(self.resized)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, mask = self.resized[item]
+        index = item[0] if isinstance(item, tuple) else item
+        return image, mask, torch.from_numpy(ds.load_mask(self.resized.pairs[index][1]))
+
+    @staticmethod
+    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Stack the training-size tensors; original masks stay a list (their sizes may differ)."""
+        images, masks, originals = zip(*items)
+        return torch.stack(images), torch.stack(masks), list(originals)
+
+
+@torch.no_grad()
+def evaluate_resolutions(model: torch.nn.Module, pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace,
+                         device: torch.device, amp_dtype: torch.dtype | None, rank: int = 0,
+                         world_size: int = 1) -> dict[tuple[str, bool], dict[str, float]]:
+    """Dice/IoU/accuracy at the training size and at each photo's original size, with and without TTA.
+
+    Probabilities are upsampled bilinearly to the original size before thresholding, as predict.py does.
+    Keys are (resolution, tta) with resolution "training" or "original".
+    """
+    from predict import predict_probabilities, upsample_to
+    model.eval()
+    data = FullResolutionPairs(pairs, args.height, args.width)
+    loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers,
+                        sampler=SeededSampler(len(data), args.seed, False, rank, world_size),
+                        collate_fn=FullResolutionPairs.collate)
+    modes = (False, True) if args.tta else (False,)
+    metrics = {(res, tta): utils.SegmentationMetrics(device) for res in ("training", "original") for tta in modes}
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    for images, masks, originals in tqdm(loader, desc="evaluate", leave=False, disable=rank != 0):
+        images = images.to(device, memory_format=memory_format)
+        for tta in modes:
+            with utils.autocast(device, amp_dtype):
+                probs = predict_probabilities(model, images, tta)
+            metrics[("training", tta)].update(probs.cpu() > 0.5, masks > 0.5)
+            for prob, original in zip(probs, originals):
+                full = upsample_to(prob[None], tuple(original.shape))[0].cpu() > 0.5
+                metrics[("original", tta)].update(full, original[None] > 0)
+    results = {}
+    for key, m in metrics.items():
+        all_reduce_sum(m.sums)
+        results[key] = m.compute()
+    return results
+
+
+def original_size_label(pairs: Sequence[tuple[Path, Path]]) -> str:
+    """'1280x1918 (original)' (height x width) when all masks share one size, else 'original sizes'."""
+    from PIL import Image
+    sizes = set()
+    for _, mask in pairs:
+        with Image.open(mask) as img:  # reads the header only
+            sizes.add((img.height, img.width))
+    return f"{'x'.join(map(str, sizes.pop()))} (original)" if len(sizes) == 1 else "original sizes"
+
+
+def run_evaluation(model: torch.nn.Module, pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace,
+                   device: torch.device, amp_dtype: torch.dtype | None, rank: int, world_size: int) -> int:
+    """--evaluate: print validation metrics at the training and the original resolution."""
+    results = evaluate_resolutions(model, pairs, args, device, amp_dtype, rank, world_size)
+    if rank == 0:
+        original = original_size_label(pairs)
+        print(f"validation on {next(iter(results.values()))['images']} images of {len(set(ds.car_id(i) for i, _ in pairs))} "
+              f"cars held out from training ({args.resume})")
+        print(f"{'resolution':<22}{'TTA':<5}{'mean Dice':>10}{'Dice':>9}{'mean IoU':>10}{'IoU':>9}{'accuracy':>10}")
+        for (resolution, tta), m in results.items():
+            label = f"{args.height}x{args.width} (training)" if resolution == "training" else original
+            print(f"{label:<22}{'yes' if tta else 'no':<5}{m['mean_dice']:>10.4f}{m['dice']:>9.4f}"
+                  f"{m['mean_iou']:>10.4f}{m['iou']:>9.4f}{m['acc']:>10.4f}")
+        print("mean Dice = mean of per-image Dice (Kaggle's metric); Dice = over all pixels of the set")
     return 0
 
 
