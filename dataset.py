@@ -12,15 +12,21 @@ Command line:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import random
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 IMAGE_DIR = "train"
 MASK_DIR = "train_masks"
@@ -94,6 +100,305 @@ def pairs_of_cars(pairs: Sequence[tuple[Path, Path]], cars: Sequence[str]) -> li
 
 
 # ---------------------------------------------------------------------------------------------
+# Dataset check
+# ---------------------------------------------------------------------------------------------
+
+CHECK_CACHE_NAME = ".check_cache.json"
+CHECK_CACHE_VERSION = 1  # bump when the verdicts change meaning, so old caches are ignored
+LAYOUT = f"DIR/{IMAGE_DIR}/*.jpg and DIR/{MASK_DIR}/*{MASK_SUFFIX}"
+# How each format ends; a file cut short (an interrupted copy or unzip) misses it.
+END_MARKERS = {"JPEG": (b"\xff\xd9", "FF D9 end marker"), "GIF": (b"\x3b", "3B trailer"),
+               "PNG": (b"IEND\xaeB`\x82", "IEND chunk")}
+TAIL_BYTES = 4096
+TAIL_PADDING = b"\x00 \t\r\n"  # some writers pad after the end marker
+MASK_VALUE_SETS = ({0, 1}, {0, 255})
+# Photo modes load_image converts to RGB: mode -> (what the photo is, what load_image does to it).
+MODE_NOTES = {
+    "L": ("grayscale", "copies the grey to 3 channels"),
+    "LA": ("grayscale with alpha", "drops the alpha and copies the grey to 3 channels"),
+    "RGBA": ("RGBA", "drops the alpha (no compositing), keeping the colours"),
+    "CMYK": ("CMYK", "converts the inks to RGB with PIL"),
+    "P": ("palette", "looks its colours up in the palette"),
+    "1": ("1-bit", "turns it into black-and-white RGB"),
+}
+SIXTEEN_BIT_NOTE = ("16-bit grayscale",
+                    "scales it to 8 bits (value / 257, not clipped) and copies the grey to 3 channels")
+OTHER_MODE_NOTE = ("unusual", "converts it to RGB with PIL")
+IMAGE_FIX = f"replace it from Kaggle's {IMAGE_DIR}.zip or delete it"
+MASK_FIX = f"replace it from Kaggle's {MASK_DIR}.zip or delete it and its photo"
+
+
+@dataclass
+class CheckReport:
+    """What check_dataset found: the usable pairs, the errors, the notes."""
+
+    pairs: list[tuple[Path, Path]]  # the good pairs, sorted by image name, usable for training
+    errors: list[str]               # one line per problem, each naming the file and the fix
+    notes: list[str]                # non-fatal: conversions load_image applies (grayscale, RGBA, CMYK, 16-bit)
+    skipped: int                    # images left out because of an error
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong (notes allowed)."""
+        return not self.errors
+
+    def summary(self) -> str:
+        """'512 pairs checked: 510 good, 2 errors, 1 note'."""
+        return (f"{plural(len(self.pairs) + self.skipped, 'pair')} checked: {len(self.pairs)} good, "
+                f"{plural(len(self.errors), 'error')}, {plural(len(self.notes), 'note')}")
+
+
+@dataclass
+class Verdict:
+    """What the check found in one file: its size (width, height) and mode, and its problem if any."""
+
+    size: tuple[int, int] | None = None
+    mode: str | None = None
+    problem: str | None = None
+
+
+def plural(n: int, word: str) -> str:
+    """plural(1, 'note') -> '1 note', plural(2, 'note') -> '2 notes'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def list_masks(data_dir: str | Path) -> list[Path]:
+    """The masks in DIR/train_masks, sorted by name, hidden files ignored."""
+    mask_dir = Path(data_dir) / MASK_DIR
+    if not mask_dir.is_dir():
+        return []
+    return sorted(p for p in mask_dir.iterdir() if p.name.endswith(MASK_SUFFIX) and not is_hidden(p))
+
+
+def check_dataset(data_dir: str | Path, cache: bool = True, progress: bool = True) -> CheckReport:
+    """Scan a Kaggle-layout dataset for files that would break or silently spoil training.
+
+    Photos are checked from their header and last bytes, masks are decoded once for their values;
+    verdicts are cached by (name, size, mtime) so that re-checking an unchanged dataset is instant.
+    """
+    data_dir = Path(data_dir)
+    images, masks = list_images(data_dir), list_masks(data_dir)
+    layout_error = check_layout(data_dir, images, masks)
+    if layout_error:
+        return CheckReport(pairs=[], errors=[layout_error], notes=[], skipped=len(images))
+    mask_of = {image: mask_path_for(image, data_dir) for image in images}
+    mask_set = set(masks)
+    # Orphan masks need no decoding: only photos and the masks that pair with them are inspected.
+    to_inspect = images + [mask for mask in mask_of.values() if mask in mask_set]
+    verdicts = inspect_files(data_dir, to_inspect, cache, progress)
+
+    pairs, errors, notes = [], [], []
+    for image, mask in mask_of.items():
+        problems = pair_problems(image, mask, verdicts, mask_set)
+        errors += problems
+        if not problems:
+            pairs.append((image, mask))
+            notes += [f"{image}: {note}"] if (note := mode_note(verdicts[image].mode)) else []
+    paired = set(mask_of.values())
+    errors += [orphan_mask_error(mask, data_dir) for mask in masks if mask not in paired]
+    return CheckReport(pairs=pairs, errors=errors, notes=notes, skipped=len(images) - len(pairs))
+
+
+def check_layout(data_dir: Path, images: list[Path], masks: list[Path]) -> str | None:
+    """One error for a missing or empty folder (rather than one per photo), or None."""
+    empty = [f"{data_dir / folder} {'is empty' if (data_dir / folder).is_dir() else 'is missing'}"
+             for folder, files in ((IMAGE_DIR, images), (MASK_DIR, masks)) if not files]
+    if not empty:
+        return None
+    return (f"{' and '.join(empty)}: expected Kaggle's layout {LAYOUT}, "
+            f"with DIR={data_dir} (extract {IMAGE_DIR}.zip and {MASK_DIR}.zip into it)")
+
+
+def pair_problems(image: Path, mask: Path, verdicts: dict[Path, Verdict], mask_set: set[Path]) -> list[str]:
+    """The errors of one photo and its mask, each naming the file and the fix; empty when the pair is good."""
+    problems = []
+    if verdicts[image].problem:
+        problems.append(f"{image}: {verdicts[image].problem}; {IMAGE_FIX}")
+    if mask not in mask_set:
+        return problems + [f"{image}: no mask (expected {mask}); add the mask or delete the photo"]
+    if verdicts[mask].problem:
+        problems.append(f"{mask}: {verdicts[mask].problem}; {MASK_FIX}")
+    elif verdicts[image].size and verdicts[mask].size != verdicts[image].size:
+        problems.append(f"{mask}: mask is {size_text(verdicts[mask].size)} but its photo {image} is "
+                        f"{size_text(verdicts[image].size)}; {MASK_FIX}")
+    return problems
+
+
+def orphan_mask_error(mask: Path, data_dir: Path) -> str:
+    """The error for a mask whose photo is missing."""
+    photo = data_dir / IMAGE_DIR / (mask.name[:-len(MASK_SUFFIX)] + IMAGE_EXTENSIONS[0])
+    return f"{mask}: no photo (expected {photo}); add the photo or delete the mask"
+
+
+def size_text(size: Sequence[int]) -> str:
+    """(1918, 1280) -> '1918x1280'."""
+    return f"{size[0]}x{size[1]}"
+
+
+def mode_note(mode: str | None) -> str | None:
+    """The note for a photo mode that load_image converts to RGB, or None for RGB."""
+    if mode is None or mode == "RGB":
+        return None
+    what, how = SIXTEEN_BIT_NOTE if mode.startswith("I") else MODE_NOTES.get(mode, OTHER_MODE_NOTE)
+    return f"{what} photo (mode {mode}): load_image {how}"
+
+
+def inspect_files(data_dir: Path, paths: list[Path], cache: bool, progress: bool) -> dict[Path, Verdict]:
+    """The verdict of every file, from the cache when its name, size and mtime are unchanged."""
+    cache_path = check_cache_path(data_dir) if cache else None
+    cached = load_check_cache(cache_path) if cache_path else {}
+    entries, verdicts = {}, {}
+    for path in tqdm(paths, desc="checking", unit="file", disable=not progress, leave=False):
+        key = path.relative_to(data_dir).as_posix()
+        stat = path.stat()
+        entry = cached.get(key)
+        if not (entry and entry["bytes"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns):
+            is_mask = path.parent.name == MASK_DIR  # masks are decoded, photos only opened
+            entry = cache_entry(stat, inspect_file(path, stat.st_size, decode=is_mask))
+        entries[key] = entry
+        size = tuple(entry["size"]) if entry["size"] else None
+        verdicts[path] = Verdict(size, entry["mode"], entry["problem"])
+    if cache_path and entries != cached:
+        save_check_cache(cache_path, entries)
+    return verdicts
+
+
+def cache_entry(stat: os.stat_result, verdict: Verdict) -> dict:
+    """A file's verdict as JSON-ready data, keyed to its size and mtime."""
+    size = list(verdict.size) if verdict.size else None  # a list, as it comes back from JSON
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "size": size, "mode": verdict.mode,
+            "problem": verdict.problem}
+
+
+def inspect_file(path: Path, nbytes: int, decode: bool) -> Verdict:
+    """Check one file from its header and last bytes; decode=True (masks) also decodes its values."""
+    if nbytes == 0:
+        return Verdict(problem="empty file (0 bytes)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            f.seek(max(nbytes - TAIL_BYTES, 0))
+            tail = f.read().rstrip(TAIL_PADDING)
+            f.seek(0)
+            try:
+                img = Image.open(f)  # reads the header only
+            except UnidentifiedImageError:
+                return Verdict(problem=not_an_image(head))
+            with img:
+                verdict = Verdict(size=img.size, mode=img.mode)
+                marker, marker_name = END_MARKERS.get(img.format, (b"", ""))
+                if not tail.endswith(marker):
+                    verdict.problem = f"truncated {img.format} (it does not end with the {marker_name})"
+                elif decode:
+                    verdict.problem = mask_values_problem(img)
+                return verdict
+    # PIL's plugins raise OSError, SyntaxError, ValueError, EOFError, struct.error... on malformed files;
+    # whatever it is, the file is reported, never a traceback.
+    except Exception as exc:
+        return Verdict(problem=f"unreadable, truncated or corrupt ({type(exc).__name__}: {exc})")
+
+
+def not_an_image(head: bytes) -> str:
+    """Why PIL cannot identify a file, quoting it when it is text (a saved error page, say)."""
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return f"not an image, it holds text: {head.decode('ascii').strip()[:40]!r}"
+    return "not an image (PIL cannot identify its format)"
+
+
+def decode_mask_values(img: Image.Image) -> list[int]:
+    """The distinct values of a mask: palette indices for mode 'P', grey levels (as load_mask sees) otherwise."""
+    if img.mode not in ("P", "L"):
+        img = img.convert("L")
+    # PIL counts the raw indices in C without copying the pixels out: about 2x faster than np.bincount.
+    return [value for value, count in enumerate(img.histogram()[:256]) if count]
+
+
+def mask_values_problem(img: Image.Image) -> str | None:
+    """Why a mask's values are not a binary mask load_mask reads correctly, or None."""
+    values = decode_mask_values(img)
+    if not any(set(values) <= allowed for allowed in MASK_VALUE_SETS):
+        kind = "palette indices" if img.mode == "P" else "grey levels"
+        return f"values {{{', '.join(map(str, values))}}} ({kind}); a mask must hold {{0, 1}} or {{0, 255}}"
+    return palette_problem(img, values) if img.mode == "P" else None
+
+
+def palette_problem(img: Image.Image, indices: list[int]) -> str | None:
+    """Why a palette would make load_mask misread the mask, or None.
+
+    load_mask keeps grey > 0 as car, so index 0 must look black and the other index must not.
+    """
+    palette = img.getpalette()
+    if palette is None:
+        return None
+    probe = Image.frombytes("P", (len(indices), 1), bytes(indices))
+    probe.putpalette(palette)
+    for index, grey in zip(indices, np.asarray(probe.convert("L"))[0].tolist()):
+        if (index > 0) != (grey > 0):
+            return (f"its palette turns index {index} into grey {grey}, "
+                    f"so load_mask would read it as {'car' if grey else 'background'}")
+    return None
+
+
+def check_cache_path(data_dir: Path) -> Path:
+    """DIR/.check_cache.json when DIR is writable, else a file per dataset under ~/.cache/carvana-unet."""
+    if is_writable(data_dir):
+        return data_dir / CHECK_CACHE_NAME
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "carvana-unet" / f"check-{digest}.json"
+
+
+def is_writable(folder: Path) -> bool:
+    """True when we may write into folder."""
+    # root passes os.access everywhere; a folder without write bits was made read-only on purpose
+    # (a shared copy of the dataset), so leave it alone.
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def load_check_cache(path: Path) -> dict[str, dict]:
+    """The cached verdicts by file name relative to DIR; empty when missing, unreadable or outdated."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CHECK_CACHE_VERSION:
+        return {}
+    return data.get("files", {})
+
+
+def save_check_cache(path: Path, entries: dict[str, dict]) -> None:
+    """Write the cache atomically (temp file, then os.replace); a failure only costs the next run time."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": CHECK_CACHE_VERSION, "files": entries}, f, separators=(",", ":"))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; others checking the same folder may read it
+        os.replace(tmp, path)
+    except OSError:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def add_check_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of `python dataset.py check`."""
+    parser.add_argument("data_dir", metavar="DIR", help=f"dataset folder in Kaggle's layout ({LAYOUT})")
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
+                        help=f"re-check every file; neither read nor write the cache ({CHECK_CACHE_NAME})")
+
+
+def check_main(args: argparse.Namespace) -> int:
+    """Entry point of `python dataset.py check`: 0 when the dataset is fine (notes allowed), 1 on errors."""
+    report = check_dataset(args.data_dir, cache=args.cache, progress=sys.stderr.isatty())
+    print(report.summary())
+    for line in report.errors:
+        print(f"error: {line}")
+    for line in report.notes:
+        print(f"note: {line}")
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading and augmentations
 # ---------------------------------------------------------------------------------------------
 
@@ -106,10 +411,18 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndar
     with Image.open(path) as img:
         if size is not None:
             img.draft("RGB", (size[1], size[0]))  # keeps at least the requested size
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.BILINEAR)
         return np.array(img)  # a writable copy: torch warns on read-only arrays
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any photo as 8-bit RGB: 16-bit grey scaled (not clipped) to 8 bits, alpha dropped, CMYK via PIL."""
+    if img.mode.startswith("I"):  # 16-bit PNGs open as 'I;16' or 'I' depending on PIL's version
+        grey = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        img = Image.fromarray(((grey + 128) // 257).astype(np.uint8))  # 65535 -> 255, rounded
+    return img.convert("RGB")
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -618,8 +931,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "synthetic", help="write a synthetic Carvana-format dataset",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     add_download_args(commands.add_parser("download", help="download Carvana from Kaggle"))
+    add_check_args(commands.add_parser("check", help="report bad files in a dataset before training"))
     args = parser.parse_args(argv)
-    return {"synthetic": synthetic_main, "download": download_main}[args.command](args)
+    return {"synthetic": synthetic_main, "download": download_main, "check": check_main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,294 @@
+"""The dataset check: every kind of bad file is named with its problem, notes don't fail, the cache works."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset as ds
+
+SIZE = (32, 24)  # width, height
+GREY_PALETTE = [v for i in range(256) for v in (i, i, i)]
+KAGGLE_PALETTE = [0, 0, 0, 255, 255, 255] + [0] * (254 * 3)
+
+
+def write_photo(path: Path, size: tuple[int, int] = SIZE, seed: int = 0) -> Path:
+    """An RGB JPEG of random colours."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", quality=90)
+    return path
+
+
+def write_mask(path: Path, size: tuple[int, int] = SIZE, car: int = 1, extra: int | None = None,
+               palette: list[int] = KAGGLE_PALETTE) -> Path:
+    """A palette GIF as Kaggle's: indices 0 (background) and `car`, plus one pixel of `extra` if given."""
+    indices = np.zeros((size[1], size[0]), np.uint8)
+    indices[size[1] // 4:3 * size[1] // 4, size[0] // 4:3 * size[0] // 4] = car
+    if extra is not None:
+        indices[0, 0] = extra
+    mask = Image.frombytes("P", size, indices.tobytes())
+    mask.putpalette(palette)
+    mask.save(path, "GIF", optimize=False)  # optimize would renumber the palette indices
+    return path
+
+
+def make_dataset(root: Path, cars: int = 2, views: int = 2) -> Path:
+    """A valid Kaggle-layout dataset: `cars` x `views` RGB JPEGs with 0/1 palette GIF masks."""
+    (root / "train").mkdir(parents=True)
+    (root / "train_masks").mkdir()
+    for car in range(cars):
+        for view in range(1, views + 1):
+            name = f"{car:012x}_{view:02d}"
+            write_photo(root / "train" / f"{name}.jpg", seed=car * 100 + view)
+            write_mask(root / "train_masks" / f"{name}_mask.gif")
+    return root
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+def photo(data: Path, index: int = 0) -> Path:
+    return sorted((data / "train").glob("*.jpg"))[index]
+
+
+def mask_of(data: Path, index: int = 0) -> Path:
+    return ds.mask_path_for(photo(data, index), data)
+
+
+def run_check(data: Path, capsys, *flags: str) -> tuple[int, list[str]]:
+    """Exit status and output lines of `python dataset.py check DIR`."""
+    code = ds.main(["check", str(data), *flags])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def assert_error(data: Path, capsys, path: Path, *words: str) -> str:
+    """The check fails (status 1) with one error line naming `path` and holding every word."""
+    code, lines = run_check(data, capsys)
+    assert code == 1
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, lines
+    assert str(path) in errors[0] and all(w in errors[0] for w in words), errors[0]
+    return errors[0]
+
+
+def test_a_good_dataset_passes(data, capsys):
+    report = ds.check_dataset(data, progress=False)
+    assert report.ok and report.skipped == 0 and not report.notes
+    assert report.pairs == ds.find_pairs(data)
+    code, lines = run_check(data, capsys)
+    assert code == 0 and lines == ["4 pairs checked: 4 good, 0 errors, 0 notes"]
+
+
+def test_photo_without_mask(data, capsys):
+    mask_of(data, 1).unlink()
+    line = assert_error(data, capsys, photo(data, 1), "no mask", mask_of(data, 1).name)
+    assert "add the mask or delete the photo" in line
+    report = ds.check_dataset(data, progress=False)
+    assert len(report.pairs) == 3 and report.skipped == 1
+    assert report.summary() == "4 pairs checked: 3 good, 1 error, 0 notes"
+
+
+def test_mask_without_photo(data, capsys):
+    orphan = write_mask(data / "train_masks" / "00000000000f_01_mask.gif")
+    assert_error(data, capsys, orphan, "no photo", "00000000000f_01.jpg")
+    assert len(ds.check_dataset(data, progress=False).pairs) == 4  # the photos themselves are fine
+
+
+def test_truncated_jpeg(data, capsys):
+    victim = photo(data, 2)
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    assert_error(data, capsys, victim, "truncated JPEG", "FF D9")
+
+
+def test_jpeg_cut_inside_its_header(data, capsys):
+    victim = photo(data, 2)
+    victim.write_bytes(victim.read_bytes()[:200])
+    assert_error(data, capsys, victim, "truncated")
+
+
+def test_truncated_mask(data, capsys):
+    victim = mask_of(data, 0)
+    victim.write_bytes(victim.read_bytes()[:-1])  # just the 3B trailer gone
+    assert_error(data, capsys, victim, "truncated GIF")
+
+
+def test_trailing_padding_after_the_end_marker_is_fine(data, capsys):
+    with open(photo(data), "ab") as f:
+        f.write(b"\0" * 100 + b"\n")
+    assert run_check(data, capsys)[0] == 0
+
+
+def test_zero_byte_file(data, capsys):
+    photo(data, 3).write_bytes(b"")
+    assert_error(data, capsys, photo(data, 3), "empty file (0 bytes)")
+
+
+def test_text_file_named_jpg(data, capsys):
+    photo(data, 1).write_text("<html><body>404 Not Found</body></html>\n")
+    assert_error(data, capsys, photo(data, 1), "not an image", "404 Not Found")
+
+
+def test_binary_junk_named_jpg(data, capsys):
+    photo(data, 1).write_bytes(bytes(range(256)))
+    assert_error(data, capsys, photo(data, 1), "not an image")
+
+
+def test_mask_size_differs_from_its_photo(data, capsys):
+    write_mask(mask_of(data, 2), size=(16, 12))
+    assert_error(data, capsys, mask_of(data, 2), "16x12", "32x24", photo(data, 2).name)
+
+
+def test_mask_values_other_than_binary(data, capsys):
+    write_mask(mask_of(data, 1), extra=7, palette=GREY_PALETTE)
+    assert_error(data, capsys, mask_of(data, 1), "values {0, 1, 7}")
+
+
+def test_mask_palette_that_would_load_inverted(data, capsys):
+    write_mask(mask_of(data, 0), palette=[255, 255, 255, 0, 0, 0] + [0] * (254 * 3))
+    assert_error(data, capsys, mask_of(data, 0), "palette", "index 0")
+
+
+def test_masks_holding_0_and_255_are_accepted(data, capsys):
+    write_mask(mask_of(data, 0), car=255, palette=GREY_PALETTE)  # PIL opens grey palettes as 'L'
+    colours = [0, 0, 0] + [255, 0, 0] * 254 + [255, 255, 255]  # not grey: stays 'P', indices 0 and 255
+    write_mask(mask_of(data, 1), car=255, palette=colours)
+    assert {Image.open(mask_of(data, i)).mode for i in (0, 1)} == {"L", "P"}
+    assert run_check(data, capsys) == (0, ["4 pairs checked: 4 good, 0 errors, 0 notes"])
+    assert ds.load_mask(mask_of(data, 0)).max() == ds.load_mask(mask_of(data, 1)).max() == 1
+
+
+def write_grey(path: Path) -> np.ndarray:
+    Image.new("L", SIZE, 128).save(path, "JPEG", quality=95)
+    return np.full((SIZE[1], SIZE[0], 3), 128)
+
+
+def write_rgba(path: Path) -> np.ndarray:
+    Image.new("RGBA", SIZE, (10, 200, 30, 0)).save(path, "PNG")  # PNG bytes under the .jpg name
+    return np.full((SIZE[1], SIZE[0], 3), (10, 200, 30))  # alpha dropped, colours kept
+
+
+def write_cmyk(path: Path) -> np.ndarray:
+    Image.new("CMYK", SIZE, (0, 0, 0, 0)).save(path, "JPEG", quality=95)
+    return np.full((SIZE[1], SIZE[0], 3), 255)  # no ink: white
+
+
+def write_16bit(path: Path) -> np.ndarray:
+    Image.fromarray(np.full((SIZE[1], SIZE[0]), 0x8080, np.uint16)).save(path, "PNG")
+    return np.full((SIZE[1], SIZE[0], 3), 128)  # 32896 / 257: scaled, not clipped to 255
+
+
+@pytest.mark.parametrize("write, mode, words", [
+    (write_grey, "L", "grayscale"),
+    (write_rgba, "RGBA", "drops the alpha"),
+    (write_cmyk, "CMYK", "CMYK"),
+    (write_16bit, "I;16", "16-bit"),
+])
+def test_photo_modes_are_noted_and_loaded_as_rgb(data, capsys, write, mode, words):
+    expected = write(photo(data, 1))
+    code, lines = run_check(data, capsys)
+    assert code == 0
+    assert lines[0] == "4 pairs checked: 4 good, 0 errors, 1 note"
+    assert lines[1].startswith("note:") and str(photo(data, 1)) in lines[1]
+    assert words in lines[1] and mode[:1] in lines[1]
+    assert len(ds.check_dataset(data, progress=False).pairs) == 4
+    for size in (None, (12, 16)):
+        image = ds.load_image(photo(data, 1), size)
+        assert image.dtype == np.uint8 and image.shape == (*(size or (SIZE[1], SIZE[0])), 3)
+        assert np.abs(image.astype(int) - expected[:image.shape[0], :image.shape[1]]).max() <= 2
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no masks", "no photos"])
+def test_empty_or_missing_folder_is_one_error_naming_the_layout(tmp_path, capsys, layout):
+    data = tmp_path / "data"
+    if layout == "no masks":
+        make_dataset(data)
+        for mask in (data / "train_masks").iterdir():
+            mask.unlink()
+    elif layout == "no photos":
+        make_dataset(data)
+        for image in (data / "train").iterdir():
+            image.unlink()
+    elif layout == "empty":
+        data.mkdir()
+    code, lines = run_check(data, capsys)
+    assert code == 1 and len(lines) == 2, lines
+    assert str(data) in lines[1]
+    assert "DIR/train/*.jpg" in lines[1] and "DIR/train_masks/*_mask.gif" in lines[1]
+
+
+def test_hidden_files_are_ignored(data, capsys):
+    (data / "train" / "._000000000000_01.jpg").write_bytes(b"\0\1junk")
+    (data / "train" / ".DS_Store").write_bytes(b"\0")
+    (data / "train_masks" / "._000000000000_01_mask.gif").write_bytes(b"junk")
+    (data / "train_masks" / ".DS_Store").write_bytes(b"")
+    assert run_check(data, capsys) == (0, ["4 pairs checked: 4 good, 0 errors, 0 notes"])
+
+
+def test_no_traceback_when_pil_raises_something_unexpected(data, monkeypatch):
+    def broken(img):
+        raise SyntaxError("not a GIF file")
+    monkeypatch.setattr(ds, "decode_mask_values", broken)
+    report = ds.check_dataset(data, cache=False, progress=False)
+    assert len(report.errors) == 4 and "SyntaxError: not a GIF file" in report.errors[0]
+
+
+def refuse_to_decode(img):
+    raise AssertionError("the mask was decoded again")
+
+
+def test_second_run_uses_the_cache(data, monkeypatch):
+    first = ds.check_dataset(data, progress=False)
+    assert (data / ds.CHECK_CACHE_NAME).is_file()
+    monkeypatch.setattr(ds, "decode_mask_values", refuse_to_decode)
+    assert ds.check_dataset(data, progress=False) == first
+
+
+def test_bad_verdicts_are_cached_too(data, monkeypatch):
+    write_mask(mask_of(data, 1), extra=7, palette=GREY_PALETTE)
+    first = ds.check_dataset(data, progress=False)
+    monkeypatch.setattr(ds, "decode_mask_values", refuse_to_decode)
+    assert ds.check_dataset(data, progress=False) == first and len(first.errors) == 1
+
+
+def test_a_modified_file_is_checked_again(data, monkeypatch):
+    assert ds.check_dataset(data, progress=False).ok
+    victim = mask_of(data, 3)
+    mtime_ns = victim.stat().st_mtime_ns
+    write_mask(victim, extra=7, palette=GREY_PALETTE)
+    os.utime(victim, ns=(mtime_ns, mtime_ns + 10**9))  # a later mtime even on coarse clocks
+    report = ds.check_dataset(data, progress=False)
+    assert len(report.errors) == 1 and str(victim) in report.errors[0] and "7" in report.errors[0]
+
+
+def test_a_touched_file_is_decoded_again_and_only_it(data, monkeypatch):
+    ds.check_dataset(data, progress=False)
+    victim = mask_of(data, 0)
+    stat = victim.stat()
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, new mtime
+    decoded = []
+    real = ds.decode_mask_values
+    monkeypatch.setattr(ds, "decode_mask_values", lambda img: decoded.append(img) or real(img))
+    assert ds.check_dataset(data, progress=False).ok
+    assert len(decoded) == 1
+
+
+def test_no_cache_flag_neither_reads_nor_writes(data, capsys):
+    assert run_check(data, capsys, "--no-cache")[0] == 0
+    assert not (data / ds.CHECK_CACHE_NAME).exists()
+
+
+def test_read_only_dataset_caches_under_home(data, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data.chmod(0o555)
+    try:
+        assert ds.check_dataset(data, progress=False).ok
+        assert not (data / ds.CHECK_CACHE_NAME).exists()
+        cached = list((tmp_path / "home" / ".cache" / "carvana-unet").glob("check-*.json"))
+        assert len(cached) == 1
+        monkeypatch.setattr(ds, "decode_mask_values", refuse_to_decode)
+        assert ds.check_dataset(data, progress=False).ok
+    finally:
+        data.chmod(0o755)
