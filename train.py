@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--synthetic", action="store_true",
                       help="train on the synthetic Carvana-format dataset, generating it on first use")
     data.add_argument("--synthetic-cars", type=int, default=24, help="cars in the generated synthetic dataset")
+    data.add_argument("--skip-bad", action="store_true",
+                      help="train on the good pairs when the dataset check finds errors (default: refuse to start)")
     data.add_argument("--val-cars", type=float, default=0.2,
                       help="cars held out for validation: a count (>= 1) or a fraction (< 1)")
     data.add_argument("--height", type=int, default=160, help="training height in pixels")
@@ -207,25 +209,47 @@ def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, tr
                       drop_last=False)
 
 
+def print_findings(lines: Sequence[str], kind: str, data_dir: Path, limit: int = 10) -> None:
+    """The dataset check's first few errors or notes on stderr; the CLI lists them all."""
+    for line in lines[:limit]:
+        print(f"{kind}: {line}", file=sys.stderr)
+    if len(lines) > limit:
+        print(f"... and {len(lines) - limit} more {kind}s: python dataset.py check {data_dir} lists them all",
+              file=sys.stderr)
+
+
 def load_dataset_or_exit(args: argparse.Namespace, rank: int) -> list[tuple[Path, Path]]:
-    """The (image, mask) pairs of --data-dir; generates the synthetic default; exits with help when empty."""
+    """The good (image, mask) pairs of --data-dir, after the dataset check; exits with help on problems.
+
+    Generates the synthetic default first when asked. Refuses to train on a dataset with errors
+    unless --skip-bad, which trains on the good pairs and says how many were left out.
+    """
     data_dir = Path(args.data_dir)
     if args.synthetic:
         if rank == 0:
             ds.generate_synthetic(data_dir, cars=args.synthetic_cars, seed=0)
         if dist.is_initialized():
             dist.barrier()
-    try:
-        pairs = ds.find_pairs(data_dir)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
-    if not pairs:
+    if not ds.list_images(data_dir):
         sys.exit(
             f"error: no training data in {data_dir} (expected {data_dir}/{ds.IMAGE_DIR}/*.jpg and "
             f"{data_dir}/{ds.MASK_DIR}/*{ds.MASK_SUFFIX}).\n"
             f"  Download Carvana (needs a Kaggle account):  python dataset.py download --out {data_dir}\n"
             f"  Or train on the synthetic default:           python train.py --synthetic")
-    return pairs
+    report = ds.check_dataset(data_dir, progress=rank == 0 and sys.stderr.isatty())
+    if rank == 0:
+        print_findings(report.errors, "error", data_dir)
+        print_findings(report.notes, "note", data_dir)
+    if not report.ok:
+        if not args.skip_bad:
+            sys.exit(f"error: {report.summary()}. Fix or remove the files above, or pass --skip-bad "
+                     f"to train on the {len(report.pairs)} good pairs.")
+        if rank == 0:
+            print(f"--skip-bad: training on {len(report.pairs)} good pairs, leaving out {report.skipped} "
+                  f"image(s) with errors", file=sys.stderr)
+    if not report.pairs:
+        sys.exit(f"error: no usable image/mask pairs in {data_dir}")
+    return report.pairs
 
 
 # ---------------------------------------------------------------------------------------------
