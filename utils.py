@@ -84,7 +84,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UN
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with every flag's default, and the script's docstring kept as written."""
+    """--help with each flag's default (unless it is None/False or the help names it), docstring kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------------------
