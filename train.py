@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                       help="keep decoded images at the training size in memory after the first epoch "
                            "(about 115 KB per image at 160x240, per worker)")
+    data.add_argument("--soft-masks", action=argparse.BooleanOptionalAction, default=True,
+                      help="train on each small pixel's car coverage instead of 0/1, so that masks upsampled "
+                           "to full resolution put the edge where it is (metrics always use 0/1 targets)")
     data.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
                       help="data-loading worker processes (0 loads in the main process)")
 
@@ -202,7 +205,7 @@ def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, tr
                 rank: int, world_size: int, device: torch.device) -> DataLoader:
     """A DataLoader over pairs: augmented and shuffled for training, resize-only and in order for validation."""
     transform = (ds.train_transforms if train else ds.val_transforms)(args.height, args.width)
-    data = ds.CarvanaDataset(pairs, args.height, args.width, transform, cache=args.cache)
+    data = ds.CarvanaDataset(pairs, args.height, args.width, transform, cache=args.cache, soft_masks=args.soft_masks)
     sampler = SeededSampler(len(data), args.seed, shuffle=train, rank=rank, world_size=world_size)
     return DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                       pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
@@ -388,7 +391,7 @@ def save_predictions(model: torch.nn.Module, data: ds.CarvanaDataset, indices: S
     with utils.autocast(device, amp_dtype):
         logits = model(images.to(device))
     names = [data.pairs[i][0].stem for i in indices]
-    utils.save_prediction_images(images, masks, logits.float().cpu() > 0, names, out_dir)
+    utils.save_prediction_images(images, masks > 0.5, logits.float().cpu() > 0, names, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,7 +593,7 @@ class FullResolutionPairs(torch.utils.data.Dataset):
     """Validation items for --evaluate: the image and mask at the training size plus the original mask."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], height: int, width: int):
-        self.resized = ds.CarvanaDataset(pairs, height, width, ds.val_transforms(height, width))
+        self.resized = ds.CarvanaDataset(pairs, height, width, ds.val_transforms(height, width), soft_masks=False)
 
     def __len__(self) -> int:
         return len(self.resized)

@@ -70,7 +70,9 @@ def test_dataset_items_are_resized_tensors_with_binary_masks(synthetic_dir):
     assert image.shape == (3, 32, 48) and image.dtype == torch.float32
     assert 0 <= image.min() and image.max() <= 1
     assert mask.shape == (1, 32, 48)
-    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert 0 <= mask.min() and mask.max() <= 1
+    hard = ds.CarvanaDataset(pairs, 32, 48, ds.train_transforms(32, 48), soft_masks=False)
+    assert set(hard[(0, 123)][1].unique().tolist()) <= {0.0, 1.0}
     again, _ = data[(0, 123)]
     assert torch.equal(image, again)  # the same seed gives the same augmentation
 
@@ -83,7 +85,11 @@ def test_mask_loads_as_zero_one_from_kaggle_palette_gif(tmp_path):
     gif.save(tmp_path / "m_mask.gif")
     loaded = ds.load_mask(tmp_path / "m_mask.gif")
     assert loaded.dtype == np.uint8 and np.array_equal(loaded, mask)
-    assert ds.load_mask(tmp_path / "m_mask.gif", (10, 15)).sum() == pytest.approx(mask.sum() / 4, rel=0.2)
+    soft = ds.mask_to_size(loaded, (10, 15), soft=True)
+    hard = ds.mask_to_size(loaded, (10, 15), soft=False)
+    assert soft.shape == hard.shape == (10, 15)
+    assert soft.sum() / 255 == pytest.approx(mask.sum() / 4, rel=0.05)  # coverage is preserved
+    assert set(np.unique(hard)) == {0, 255} and len(np.unique(soft)) > 2
 
 
 def test_validation_transform_does_not_augment(synthetic_dir):
