@@ -69,3 +69,23 @@ def test_empty_data_dir_exits_with_both_commands(tmp_path):
     assert "python dataset.py download" in result.stderr
     assert "python train.py --synthetic" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bad_data_is_refused_and_skip_bad_trains_on_the_rest(synthetic_dir, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    broken = sorted((data / "train").iterdir())[3]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # a truncated JPEG
+    args = ["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), "--epochs", "1", *TINY]
+    result = subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True,
+                            cwd=train.Path(train.__file__).parent)
+    assert result.returncode != 0
+    assert broken.name in result.stderr and "--skip-bad" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+    assert train.main([*args, "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "training on 63 good pairs, leaving out 1" in err
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) == 4
