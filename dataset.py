@@ -441,7 +441,7 @@ def mask_to_size(mask: np.ndarray, size: tuple[int, int], soft: bool = True) -> 
     """
     if mask.shape == tuple(size):
         return mask * np.uint8(255)
-    coverage = np.asarray(Image.fromarray(mask * np.uint8(255)).resize((size[1], size[0]), Image.BILINEAR))
+    coverage = np.array(Image.fromarray(mask * np.uint8(255)).resize((size[1], size[0]), Image.BILINEAR))
     return coverage if soft else np.where(coverage >= 128, 255, 0).astype(np.uint8)
 
 

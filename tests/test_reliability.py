@@ -78,7 +78,7 @@ def test_signal_mid_epoch_saves_and_resume_is_exact(synthetic_dir, uninterrupted
 
     def loss_then_signal(logits, target):
         calls.append(1)
-        if len(calls) == 9:  # a training step in the middle of epoch 2 (6 steps + 1 validation per epoch)
+        if len(calls) == 10:  # step 2 of epoch 2 (8 calls per epoch: 6 training steps, 2 validation batches)
             train._request_stop(signal.SIGTERM, None)
         return original(logits, target)
 
@@ -124,7 +124,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
     monkeypatch.setattr(train, "bce_dice_loss", nan_in_epoch_2)
     assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "3", *TINY]) == 1
     err = capsys.readouterr().err
-    assert "epoch 2 at step 3" in err
+    assert "epoch 2 at step 2" in err  # 8 calls per epoch: 6 training steps, 2 validation batches
     state = utils.load_checkpoint(out / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -59,7 +59,7 @@ def test_evaluate_prints_metrics_with_resolution(two_epoch_run, synthetic_dir, c
                        "--workers", "0"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "Dice" in out and "at 32x48" in out
+    assert "32x48 (training)" in out and "64x96 (original)" in out and "mean Dice" in out
 
 
 def test_empty_data_dir_exits_with_both_commands(tmp_path):
