@@ -376,13 +376,14 @@ def mode_note(mode: str | None, in_channels: int = 3) -> str | None:
     return f"{what} photo (mode {mode}): load_image {how}"
 
 
-def mask_rule(classes: int, ignore_index: int) -> str | None:
-    """What a mask's values must be, as stored with its cached verdict: None for binary masks."""
-    return None if classes == 1 else f"classes={classes},ignore={ignore_index}"
+def mask_rule(classes: int, ignore_index: int) -> list[int] | None:
+    """What a mask's values must be, stored with its cached verdict: None for binary masks, else
+    [classes, ignore_index] (a list, as it comes back from JSON)."""
+    return None if classes == 1 else [classes, ignore_index]
 
 
 def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], cache: bool, progress: bool,
-                  rule: str | None = None) -> dict[Path, Verdict]:
+                  rule: list[int] | None = None) -> dict[Path, Verdict]:
     """The verdict of every image and mask, from the cache when its name, size, mtime (and mask rule) are unchanged."""
     cache_path = check_cache_path(data_dir) if cache else None
     cached = load_check_cache(cache_path) if cache_path else {}
@@ -404,7 +405,7 @@ def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], cache: b
     return verdicts
 
 
-def cache_entry(stat: os.stat_result, verdict: Verdict, rule: str | None = None) -> dict:
+def cache_entry(stat: os.stat_result, verdict: Verdict, rule: list[int] | None = None) -> dict:
     """A file's verdict as JSON-ready data, keyed to its size and mtime (and, for a mask, the rule it was checked by)."""
     size = list(verdict.size) if verdict.size else None  # a list, as it comes back from JSON
     entry = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "size": size, "mode": verdict.mode,
@@ -412,7 +413,7 @@ def cache_entry(stat: os.stat_result, verdict: Verdict, rule: str | None = None)
     return entry if rule is None else {**entry, "rule": rule}
 
 
-def inspect_file(path: Path, nbytes: int, decode: bool, rule: str | None = None) -> Verdict:
+def inspect_file(path: Path, nbytes: int, decode: bool, rule: list[int] | None = None) -> Verdict:
     """Check one file from its header and last bytes; decode=True (masks) also decodes its values against the rule."""
     if nbytes == 0:
         return Verdict(problem="empty file (0 bytes)")
@@ -455,10 +456,10 @@ def decode_mask_values(img: Image.Image) -> list[int]:
     return [value for value, count in enumerate(img.histogram()[:256]) if count]
 
 
-def mask_values_problem(img: Image.Image, rule: str | None = None) -> str | None:
+def mask_values_problem(img: Image.Image, rule: list[int] | None = None) -> str | None:
     """Why a mask's values are not what the rule (mask_rule) asks and load_mask reads correctly, or None."""
     if rule is not None:
-        return class_values_problem(img, rule)
+        return class_values_problem(img, *rule)
     values = decode_mask_values(img)
     if not any(set(values) <= allowed for allowed in MASK_VALUE_SETS):
         kind = "palette indices" if img.mode == "P" else "grey levels"
@@ -466,9 +467,8 @@ def mask_values_problem(img: Image.Image, rule: str | None = None) -> str | None
     return palette_problem(img, values) if img.mode == "P" else None
 
 
-def class_values_problem(img: Image.Image, rule: str) -> str | None:
-    """Why a mask does not hold class indices below N (or the ignore index), or None; rule is mask_rule's."""
-    classes, ignore_index = (int(part.split("=")[1]) for part in rule.split(","))
+def class_values_problem(img: Image.Image, classes: int, ignore_index: int) -> str | None:
+    """Why a mask does not hold class indices below `classes` (or the ignore index), or None."""
     if img.mode not in ("P", "L"):
         return (f"mode {img.mode}: a class mask must be single-channel (L) or palette (P), each value a "
                 f"class index")
