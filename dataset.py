@@ -1,13 +1,19 @@
-"""Carvana data: pairing photos with masks, the car-wise split, augmentations, the Dataset,
-a synthetic Carvana-format generator, the dataset check and the Kaggle download.
+"""Segmentation data: the two folder layouts, pairing images with masks, the split, augmentations, the
+Dataset, a synthetic Carvana-format generator, the dataset check and the Kaggle download.
 
 Kaggle's layout, once `train.zip` and `train_masks.zip` are extracted into DIR:
     DIR/train/{car_id}_{view:02d}.jpg          1918x1280 RGB photos, 16 views per car
     DIR/train_masks/{car_id}_{view:02d}_mask.gif  palette GIFs holding 0 (background) and 1 (car)
 
+The generic layout, for any other dataset:
+    DIR/images/X.jpg (or .jpeg, .png, .tif, .tiff, .bmp)
+    DIR/masks/X.png (or .gif, .tif, .tiff, .bmp): binary 0/1 or 0/255, or class indices with --classes
+
 Command line:
     python dataset.py synthetic --out data/synthetic      # generate the synthetic default
+    python dataset.py synthetic --classes 3 --out data/synthetic-3class   # a multi-class one, generic layout
     python dataset.py download --out data/carvana         # fetch Carvana from Kaggle
+    python dataset.py check DIR                           # report bad files before training
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -32,11 +39,67 @@ IMAGE_DIR = "train"
 MASK_DIR = "train_masks"
 MASK_SUFFIX = "_mask.gif"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg")
+IMAGE_FIX = f"replace it from Kaggle's {IMAGE_DIR}.zip or delete it"
+MASK_FIX = f"replace it from Kaggle's {MASK_DIR}.zip or delete it and its photo"
+CARVANA_NAME = re.compile(r"[0-9a-f]{12}_\d{2}")  # '0cdf5b5d0ce1_07': a car id and a view
 
 
 # ---------------------------------------------------------------------------------------------
-# Carvana files, pairing and the car-wise split
+# Folder layouts, pairing and the split
 # ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a dataset keeps its images and masks, and how a mask's file name pairs it with its image."""
+
+    name: str                          # for messages: "Kaggle's", "the generic"
+    image_dir: str
+    mask_dir: str
+    image_extensions: tuple[str, ...]  # lower case
+    mask_suffixes: tuple[str, ...]     # what follows the image's stem in its mask's name, lower case
+    pattern: str                       # the layout in one line, for messages
+    image_fix: str
+    mask_fix: str
+
+    def mask_stem(self, mask: Path) -> str | None:
+        """The stem of the image a mask belongs to ('X_mask.gif' -> 'X'), or None for other files."""
+        for suffix in self.mask_suffixes:
+            if mask.name.lower().endswith(suffix):
+                return mask.name[:-len(suffix)]
+        return None
+
+    def expected_mask(self, image: Path, data_dir: Path) -> str:
+        """Where the mask of an image should be: 'DIR/train_masks/X_mask.gif', 'DIR/masks/X.png (or ...)'."""
+        return _one_of(data_dir / self.mask_dir, image.stem, self.mask_suffixes)
+
+    def expected_image(self, mask: Path, data_dir: Path) -> str:
+        """Where the image of a mask should be."""
+        return _one_of(data_dir / self.image_dir, self.mask_stem(mask) or mask.stem, self.image_extensions)
+
+
+def _one_of(folder: Path, stem: str, endings: Sequence[str]) -> str:
+    """'folder/X.png' or 'folder/X.png (or .gif, .bmp)'."""
+    others = f" (or {', '.join(endings[1:])})" if len(endings) > 1 else ""
+    return f"{folder / (stem + endings[0])}{others}"
+
+
+KAGGLE = Layout("Kaggle's", IMAGE_DIR, MASK_DIR, IMAGE_EXTENSIONS, (MASK_SUFFIX,),
+                f"DIR/{IMAGE_DIR}/*.jpg and DIR/{MASK_DIR}/*{MASK_SUFFIX}", IMAGE_FIX, MASK_FIX)
+GENERIC = Layout("the generic", "images", "masks", (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"),
+                 (".png", ".gif", ".tif", ".tiff", ".bmp"),
+                 "DIR/images/* and DIR/masks/*, paired by file stem (images/X.jpg with masks/X.png)",
+                 "replace it or delete it", "replace it or delete it and its image")
+LAYOUTS = f"{KAGGLE.name} layout {KAGGLE.pattern}, or {GENERIC.name} layout {GENERIC.pattern}"
+
+
+def detect_layout(data_dir: str | Path) -> Layout | None:
+    """Kaggle's layout when DIR has train/ or train_masks/, else the generic one when it has images/ or masks/."""
+    data_dir = Path(data_dir)
+    for layout in (KAGGLE, GENERIC):
+        if (data_dir / layout.image_dir).is_dir() or (data_dir / layout.mask_dir).is_dir():
+            return layout
+    return None
+
 
 def is_hidden(path: Path) -> bool:
     """True for files the OS leaves behind (.DS_Store, macOS '._X.jpg' forks)."""
@@ -48,55 +111,121 @@ def car_id(image_path: str | Path) -> str:
     return Path(image_path).stem.rsplit("_", 1)[0]
 
 
+def is_carvana_name(image_path: str | Path) -> bool:
+    """True for Carvana's (and the synthetic generator's) names: a 12-hex-digit car id, '_', a 2-digit view."""
+    return CARVANA_NAME.fullmatch(Path(image_path).stem) is not None
+
+
+def group_of(image_path: str | Path) -> str:
+    """What the split keeps together: the car for Carvana-named photos (all views on one side), else the image."""
+    return car_id(image_path) if is_carvana_name(image_path) else Path(image_path).stem
+
+
+def groups_of(pairs: Sequence[tuple[Path, Path]]) -> list[str]:
+    """The sorted distinct groups (cars, or image stems) of some pairs."""
+    return sorted({group_of(image) for image, _ in pairs})
+
+
+def describe_pairs(pairs: Sequence[tuple[Path, Path]]) -> str:
+    """'64 images (4 cars)' for Carvana-named images, else '40 images'."""
+    text = plural(len(pairs), "image")
+    if pairs and all(is_carvana_name(image) for image, _ in pairs):
+        text += f" ({plural(len({car_id(image) for image, _ in pairs}), 'car')})"
+    return text
+
+
 def mask_path_for(image_path: Path, data_dir: Path) -> Path:
     """Where Kaggle puts the mask of a photo: train/X.jpg -> train_masks/X_mask.gif."""
     return data_dir / MASK_DIR / f"{image_path.stem}{MASK_SUFFIX}"
 
 
-def list_images(data_dir: str | Path) -> list[Path]:
-    """The photos in DIR/train, sorted by name, hidden files ignored."""
-    image_dir = Path(data_dir) / IMAGE_DIR
-    if not image_dir.is_dir():
+def list_images(data_dir: str | Path, layout: Layout | None = None) -> list[Path]:
+    """The images of DIR in its layout (detected when not given), sorted by name, hidden files ignored."""
+    layout = layout or detect_layout(data_dir)
+    image_dir = Path(data_dir) / layout.image_dir if layout else None
+    if image_dir is None or not image_dir.is_dir():
         return []
     return sorted(p for p in image_dir.iterdir()
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p))
+                  if p.suffix.lower() in layout.image_extensions and not is_hidden(p) and p.is_file())
+
+
+def list_masks(data_dir: str | Path, layout: Layout | None = None) -> list[Path]:
+    """The masks of DIR in its layout (detected when not given), sorted by name, hidden files ignored."""
+    layout = layout or detect_layout(data_dir)
+    mask_dir = Path(data_dir) / layout.mask_dir if layout else None
+    if mask_dir is None or not mask_dir.is_dir():
+        return []
+    return sorted(p for p in mask_dir.iterdir() if layout.mask_stem(p) and not is_hidden(p) and p.is_file())
+
+
+def pair_up(images: Sequence[Path], masks: Sequence[Path],
+            layout: Layout) -> tuple[dict[Path, Path | None], dict[Path, str]]:
+    """({image: its mask or None}, {file: why it is left out}) matching names, never positions.
+
+    Two images (or two masks) with one stem cannot be told apart: the later ones are left out.
+    """
+    mask_by_stem: dict[str, Path] = {}
+    duplicates: dict[Path, str] = {}
+    for mask in masks:
+        stem = layout.mask_stem(mask)
+        if stem in mask_by_stem:
+            duplicates[mask] = f"same name stem as {mask_by_stem[stem]}; keep one mask per image"
+        else:
+            mask_by_stem[stem] = mask
+    mask_of: dict[Path, Path | None] = {}
+    image_by_stem: dict[str, Path] = {}
+    for image in images:
+        if image.stem in image_by_stem:
+            duplicates[image] = (f"same name stem as {image_by_stem[image.stem]}, so both would pair with "
+                                 f"one mask; rename or delete one")
+            continue
+        image_by_stem[image.stem] = image
+        mask_of[image] = mask_by_stem.get(image.stem)
+    return mask_of, duplicates
 
 
 def find_pairs(data_dir: str | Path) -> list[tuple[Path, Path]]:
-    """(image, mask) pairs matched by name, never by position; a photo without its mask is an error."""
+    """(image, mask) pairs matched by name, never by position; an image without its mask is an error."""
     data_dir = Path(data_dir)
-    pairs, missing = [], []
-    for image in list_images(data_dir):
-        mask = mask_path_for(image, data_dir)
-        (pairs if mask.is_file() else missing).append((image, mask))
+    layout = detect_layout(data_dir)
+    if layout is None:
+        return []
+    mask_of, duplicates = pair_up(list_images(data_dir, layout), list_masks(data_dir, layout), layout)
+    if duplicates:
+        path, why = next(iter(duplicates.items()))
+        raise ValueError(f"{path}: {why}")
+    missing = [image for image, mask in mask_of.items() if mask is None]
     if missing:
-        names = ", ".join(str(m) for _, m in missing[:5])
+        names = ", ".join(layout.expected_mask(image, data_dir) for image in missing[:5])
         raise FileNotFoundError(
-            f"{len(missing)} photo(s) in {data_dir / IMAGE_DIR} have no mask, e.g. {names}. "
-            f"Each X.jpg needs {MASK_DIR}/X{MASK_SUFFIX}: re-extract train_masks.zip or remove the photos.")
-    return pairs
+            f"{len(missing)} image(s) in {data_dir / layout.image_dir} have no mask, e.g. {names}. "
+            f"Each {layout.image_dir}/X{layout.image_extensions[0]} needs {layout.mask_dir}/X"
+            f"{layout.mask_suffixes[0]}: {'re-extract train_masks.zip' if layout is KAGGLE else 'add the masks'} "
+            f"or remove the images.")
+    return list(mask_of.items())
 
 
-def split_by_car(pairs: Sequence[tuple[Path, Path]], val_cars: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split car ids into (train, val) so that all views of a car fall on one side.
+def split_by_group(pairs: Sequence[tuple[Path, Path]], val_groups: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split the groups (group_of: cars, or images) into (train, val) so that no group straddles the split.
 
-    val_cars >= 1 is a number of cars, 0 < val_cars < 1 a fraction of them; at least one car is held
-    out and at least one kept for training. Deterministic for a given seed and set of cars.
+    val_groups >= 1 is a number of groups, 0 < val_groups < 1 a fraction of them; at least one group is
+    held out and at least one kept for training. Deterministic for a given seed and set of groups.
     """
-    cars = sorted({car_id(image) for image, _ in pairs})
-    if len(cars) < 2:
-        raise ValueError(f"need at least 2 cars to split into train and validation, found {len(cars)}")
-    n_val = round(val_cars * len(cars)) if 0 < val_cars < 1 else int(val_cars)
-    n_val = min(max(n_val, 1), len(cars) - 1)
-    shuffled = cars[:]
+    groups = groups_of(pairs)
+    if len(groups) < 2:
+        raise ValueError(f"need at least 2 cars or images to split into train and validation, found "
+                         f"{len(groups)}; add images or pass --val-dir")
+    n_val = round(val_groups * len(groups)) if 0 < val_groups < 1 else int(val_groups)
+    n_val = min(max(n_val, 1), len(groups) - 1)
+    shuffled = groups[:]
     random.Random(seed).shuffle(shuffled)
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
-def pairs_of_cars(pairs: Sequence[tuple[Path, Path]], cars: Sequence[str]) -> list[tuple[Path, Path]]:
-    """The pairs whose car is in `cars`, in their original order."""
-    keep = set(cars)
-    return [pair for pair in pairs if car_id(pair[0]) in keep]
+def pairs_of_groups(pairs: Sequence[tuple[Path, Path]], groups: Sequence[str]) -> list[tuple[Path, Path]]:
+    """The pairs whose group is in `groups`, in their original order."""
+    keep = set(groups)
+    return [pair for pair in pairs if group_of(pair[0]) in keep]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +234,6 @@ def pairs_of_cars(pairs: Sequence[tuple[Path, Path]], cars: Sequence[str]) -> li
 
 CHECK_CACHE_NAME = ".check_cache.json"
 CHECK_CACHE_VERSION = 1  # bump when the verdicts change meaning, so old caches are ignored
-LAYOUT = f"DIR/{IMAGE_DIR}/*.jpg and DIR/{MASK_DIR}/*{MASK_SUFFIX}"
 # How each format ends; a file cut short (an interrupted copy or unzip) misses it.
 END_MARKERS = {"JPEG": (b"\xff\xd9", "FF D9 end marker"), "GIF": (b"\x3b", "3B trailer"),
                "PNG": (b"IEND\xaeB`\x82", "IEND chunk")}
@@ -124,8 +252,9 @@ MODE_NOTES = {
 SIXTEEN_BIT_NOTE = ("16-bit grayscale",
                     "scales it to 8 bits (value / 257, not clipped) and copies the grey to 3 channels")
 OTHER_MODE_NOTE = ("unusual", "converts it to RGB with PIL")
-IMAGE_FIX = f"replace it from Kaggle's {IMAGE_DIR}.zip or delete it"
-MASK_FIX = f"replace it from Kaggle's {MASK_DIR}.zip or delete it and its photo"
+# With --in-channels 1 every photo is loaded as 8-bit grey: only the modes that are not already that are noted.
+GREY_SIXTEEN_BIT_NOTE = ("16-bit grayscale", "scales it to 8 bits (value / 257, not clipped)")
+GREY_OTHER_MODE_NOTE = "converts it to grayscale with PIL (RGB: 0.299 R + 0.587 G + 0.114 B)"
 
 
 @dataclass
@@ -162,72 +291,71 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def list_masks(data_dir: str | Path) -> list[Path]:
-    """The masks in DIR/train_masks, sorted by name, hidden files ignored."""
-    mask_dir = Path(data_dir) / MASK_DIR
-    if not mask_dir.is_dir():
-        return []
-    return sorted(p for p in mask_dir.iterdir() if p.name.endswith(MASK_SUFFIX) and not is_hidden(p))
+def check_dataset(data_dir: str | Path, cache: bool = True, progress: bool = True, classes: int = 1,
+                  ignore_index: int = 255, in_channels: int = 3) -> CheckReport:
+    """Scan a dataset in either layout for files that would break or silently spoil training.
 
-
-def check_dataset(data_dir: str | Path, cache: bool = True, progress: bool = True) -> CheckReport:
-    """Scan a Kaggle-layout dataset for files that would break or silently spoil training.
-
-    Photos are checked from their header and last bytes, masks are decoded once for their values;
-    verdicts are cached by (name, size, mtime) so that re-checking an unchanged dataset is instant.
+    Photos are checked from their header and last bytes, masks are decoded once for their values
+    (binary for classes=1, class indices below `classes` or ignore_index otherwise); verdicts are
+    cached by (name, size, mtime) so that re-checking an unchanged dataset is instant.
     """
     data_dir = Path(data_dir)
-    images, masks = list_images(data_dir), list_masks(data_dir)
-    layout_error = check_layout(data_dir, images, masks)
+    layout = detect_layout(data_dir)
+    images, masks = list_images(data_dir, layout), list_masks(data_dir, layout)
+    layout_error = check_layout(data_dir, layout, images, masks)
     if layout_error:
         return CheckReport(pairs=[], errors=[layout_error], notes=[], skipped=len(images))
-    mask_of = {image: mask_path_for(image, data_dir) for image in images}
-    mask_set = set(masks)
+    mask_of, duplicates = pair_up(images, masks, layout)
     # Orphan masks need no decoding: only photos and the masks that pair with them are inspected.
-    to_inspect = images + [mask for mask in mask_of.values() if mask in mask_set]
-    verdicts = inspect_files(data_dir, to_inspect, cache, progress)
+    paired = {mask for mask in mask_of.values() if mask}
+    verdicts = inspect_files(data_dir, images, paired, cache, progress, mask_rule(classes, ignore_index))
 
-    pairs, errors, notes = [], [], []
+    pairs, notes = [], []
+    errors = [f"{path}: {why}" for path, why in duplicates.items()]
     for image, mask in mask_of.items():
-        problems = pair_problems(image, mask, verdicts, mask_set)
+        problems = pair_problems(image, mask, verdicts, layout, data_dir)
         errors += problems
         if not problems:
             pairs.append((image, mask))
-            notes += [f"{image}: {note}"] if (note := mode_note(verdicts[image].mode)) else []
-    paired = set(mask_of.values())
-    errors += [orphan_mask_error(mask, data_dir) for mask in masks if mask not in paired]
+            notes += [f"{image}: {note}"] if (note := mode_note(verdicts[image].mode, in_channels)) else []
+    errors += [orphan_mask_error(mask, layout, data_dir) for mask in masks
+               if mask not in paired and mask not in duplicates]
     return CheckReport(pairs=pairs, errors=errors, notes=notes, skipped=len(images) - len(pairs))
 
 
-def check_layout(data_dir: Path, images: list[Path], masks: list[Path]) -> str | None:
-    """One error for a missing or empty folder (rather than one per photo), or None."""
+def check_layout(data_dir: Path, layout: Layout | None, images: list[Path], masks: list[Path]) -> str | None:
+    """One error for a folder in neither layout, or a missing or empty folder (rather than one per photo), or None."""
+    if layout is None:
+        found = "is missing" if not data_dir.is_dir() else "holds neither train/ nor images/"
+        return f"{data_dir} {found}: expected {LAYOUTS}, with DIR={data_dir}"
     empty = [f"{data_dir / folder} {'is empty' if (data_dir / folder).is_dir() else 'is missing'}"
-             for folder, files in ((IMAGE_DIR, images), (MASK_DIR, masks)) if not files]
+             for folder, files in ((layout.image_dir, images), (layout.mask_dir, masks)) if not files]
     if not empty:
         return None
-    return (f"{' and '.join(empty)}: expected Kaggle's layout {LAYOUT}, "
-            f"with DIR={data_dir} (extract {IMAGE_DIR}.zip and {MASK_DIR}.zip into it)")
+    hint = f" (extract {IMAGE_DIR}.zip and {MASK_DIR}.zip into it)" if layout is KAGGLE else ""
+    return f"{' and '.join(empty)}: expected {LAYOUTS}, with DIR={data_dir}{hint}"
 
 
-def pair_problems(image: Path, mask: Path, verdicts: dict[Path, Verdict], mask_set: set[Path]) -> list[str]:
+def pair_problems(image: Path, mask: Path | None, verdicts: dict[Path, Verdict], layout: Layout,
+                  data_dir: Path) -> list[str]:
     """The errors of one photo and its mask, each naming the file and the fix; empty when the pair is good."""
     problems = []
     if verdicts[image].problem:
-        problems.append(f"{image}: {verdicts[image].problem}; {IMAGE_FIX}")
-    if mask not in mask_set:
-        return problems + [f"{image}: no mask (expected {mask}); add the mask or delete the photo"]
+        problems.append(f"{image}: {verdicts[image].problem}; {layout.image_fix}")
+    if mask is None:
+        return problems + [f"{image}: no mask (expected {layout.expected_mask(image, data_dir)}); "
+                           f"add the mask or delete the photo"]
     if verdicts[mask].problem:
-        problems.append(f"{mask}: {verdicts[mask].problem}; {MASK_FIX}")
+        problems.append(f"{mask}: {verdicts[mask].problem}; {layout.mask_fix}")
     elif verdicts[image].size and verdicts[mask].size != verdicts[image].size:
         problems.append(f"{mask}: mask is {size_text(verdicts[mask].size)} but its photo {image} is "
-                        f"{size_text(verdicts[image].size)}; {MASK_FIX}")
+                        f"{size_text(verdicts[image].size)}; {layout.mask_fix}")
     return problems
 
 
-def orphan_mask_error(mask: Path, data_dir: Path) -> str:
+def orphan_mask_error(mask: Path, layout: Layout, data_dir: Path) -> str:
     """The error for a mask whose photo is missing."""
-    photo = data_dir / IMAGE_DIR / (mask.name[:-len(MASK_SUFFIX)] + IMAGE_EXTENSIONS[0])
-    return f"{mask}: no photo (expected {photo}); add the photo or delete the mask"
+    return f"{mask}: no photo (expected {layout.expected_image(mask, data_dir)}); add the photo or delete the mask"
 
 
 def size_text(size: Sequence[int]) -> str:
@@ -235,26 +363,40 @@ def size_text(size: Sequence[int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
-def mode_note(mode: str | None) -> str | None:
-    """The note for a photo mode that load_image converts to RGB, or None for RGB."""
-    if mode is None or mode == "RGB":
+def mode_note(mode: str | None, in_channels: int = 3) -> str | None:
+    """The note for a photo mode that load_image converts (to RGB, or to grey with in_channels=1), or None."""
+    if mode is None or mode == ("RGB" if in_channels == 3 else "L"):
         return None
-    what, how = SIXTEEN_BIT_NOTE if mode.startswith("I") else MODE_NOTES.get(mode, OTHER_MODE_NOTE)
+    if mode.startswith("I"):
+        what, how = SIXTEEN_BIT_NOTE if in_channels == 3 else GREY_SIXTEEN_BIT_NOTE
+    elif in_channels == 3:
+        what, how = MODE_NOTES.get(mode, OTHER_MODE_NOTE)
+    else:
+        what, how = MODE_NOTES.get(mode, (mode,))[0], GREY_OTHER_MODE_NOTE
     return f"{what} photo (mode {mode}): load_image {how}"
 
 
-def inspect_files(data_dir: Path, paths: list[Path], cache: bool, progress: bool) -> dict[Path, Verdict]:
-    """The verdict of every file, from the cache when its name, size and mtime are unchanged."""
+def mask_rule(classes: int, ignore_index: int) -> list[int] | None:
+    """What a mask's values must be, stored with its cached verdict: None for binary masks, else
+    [classes, ignore_index] (a list, as it comes back from JSON)."""
+    return None if classes == 1 else [classes, ignore_index]
+
+
+def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], cache: bool, progress: bool,
+                  rule: list[int] | None = None) -> dict[Path, Verdict]:
+    """The verdict of every image and mask, from the cache when its name, size, mtime (and mask rule) are unchanged."""
     cache_path = check_cache_path(data_dir) if cache else None
     cached = load_check_cache(cache_path) if cache_path else {}
     entries, verdicts = {}, {}
-    for path in tqdm(paths, desc="checking", unit="file", disable=not progress, leave=False):
+    for path in tqdm(images + sorted(masks), desc="checking", unit="file", disable=not progress, leave=False):
         key = path.relative_to(data_dir).as_posix()
         stat = path.stat()
         entry = cached.get(key)
-        if not (entry and entry["bytes"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns):
-            is_mask = path.parent.name == MASK_DIR  # masks are decoded, photos only opened
-            entry = cache_entry(stat, inspect_file(path, stat.st_size, decode=is_mask))
+        is_mask = path in masks  # masks are decoded (against the rule), photos only opened
+        if not (entry and entry["bytes"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns
+                and entry.get("rule") == (rule if is_mask else None)):
+            entry = cache_entry(stat, inspect_file(path, stat.st_size, decode=is_mask, rule=rule),
+                                rule if is_mask else None)
         entries[key] = entry
         size = tuple(entry["size"]) if entry["size"] else None
         verdicts[path] = Verdict(size, entry["mode"], entry["problem"])
@@ -263,15 +405,16 @@ def inspect_files(data_dir: Path, paths: list[Path], cache: bool, progress: bool
     return verdicts
 
 
-def cache_entry(stat: os.stat_result, verdict: Verdict) -> dict:
-    """A file's verdict as JSON-ready data, keyed to its size and mtime."""
+def cache_entry(stat: os.stat_result, verdict: Verdict, rule: list[int] | None = None) -> dict:
+    """A file's verdict as JSON-ready data, keyed to its size and mtime (and, for a mask, the rule it was checked by)."""
     size = list(verdict.size) if verdict.size else None  # a list, as it comes back from JSON
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "size": size, "mode": verdict.mode,
-            "problem": verdict.problem}
+    entry = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "size": size, "mode": verdict.mode,
+             "problem": verdict.problem}
+    return entry if rule is None else {**entry, "rule": rule}
 
 
-def inspect_file(path: Path, nbytes: int, decode: bool) -> Verdict:
-    """Check one file from its header and last bytes; decode=True (masks) also decodes its values."""
+def inspect_file(path: Path, nbytes: int, decode: bool, rule: list[int] | None = None) -> Verdict:
+    """Check one file from its header and last bytes; decode=True (masks) also decodes its values against the rule."""
     if nbytes == 0:
         return Verdict(problem="empty file (0 bytes)")
     try:
@@ -290,7 +433,7 @@ def inspect_file(path: Path, nbytes: int, decode: bool) -> Verdict:
                 if not tail.endswith(marker):
                     verdict.problem = f"truncated {img.format} (it does not end with the {marker_name})"
                 elif decode:
-                    verdict.problem = mask_values_problem(img)
+                    verdict.problem = mask_values_problem(img, rule)
                 return verdict
     # PIL's plugins raise OSError, SyntaxError, ValueError, EOFError, struct.error... on malformed files;
     # whatever it is, the file is reported, never a traceback.
@@ -313,13 +456,29 @@ def decode_mask_values(img: Image.Image) -> list[int]:
     return [value for value, count in enumerate(img.histogram()[:256]) if count]
 
 
-def mask_values_problem(img: Image.Image) -> str | None:
-    """Why a mask's values are not a binary mask load_mask reads correctly, or None."""
+def mask_values_problem(img: Image.Image, rule: list[int] | None = None) -> str | None:
+    """Why a mask's values are not what the rule (mask_rule) asks and load_mask reads correctly, or None."""
+    if rule is not None:
+        return class_values_problem(img, *rule)
     values = decode_mask_values(img)
     if not any(set(values) <= allowed for allowed in MASK_VALUE_SETS):
         kind = "palette indices" if img.mode == "P" else "grey levels"
         return f"values {{{', '.join(map(str, values))}}} ({kind}); a mask must hold {{0, 1}} or {{0, 255}}"
     return palette_problem(img, values) if img.mode == "P" else None
+
+
+def class_values_problem(img: Image.Image, classes: int, ignore_index: int) -> str | None:
+    """Why a mask does not hold class indices below `classes` (or the ignore index), or None."""
+    if img.mode not in ("P", "L"):
+        return (f"mode {img.mode}: a class mask must be single-channel (L) or palette (P), each value a "
+                f"class index")
+    values = decode_mask_values(img)
+    bad = [v for v in values if v >= classes and v != ignore_index]
+    if not bad:
+        return None
+    kind = "palette indices" if img.mode == "P" else "values"
+    return (f"class index {bad[0]} is not below --classes {classes} ({kind} {{{', '.join(map(str, values))}}}; "
+            f"{ignore_index} marks unlabelled pixels)")
 
 
 def palette_problem(img: Image.Image, indices: list[int]) -> str | None:
@@ -382,14 +541,21 @@ def save_check_cache(path: Path, entries: dict[str, dict]) -> None:
 
 def add_check_args(parser: argparse.ArgumentParser) -> None:
     """Flags of `python dataset.py check`."""
-    parser.add_argument("data_dir", metavar="DIR", help=f"dataset folder in Kaggle's layout ({LAYOUT})")
+    parser.add_argument("data_dir", metavar="DIR", help=f"dataset folder in {LAYOUTS}")
     parser.add_argument("--no-cache", dest="cache", action="store_false",
                         help=f"re-check every file; neither read nor write the cache ({CHECK_CACHE_NAME})")
+    parser.add_argument("--classes", type=int, default=1,
+                        help="1: binary masks (0/1 or 0/255); N >= 2: masks hold class indices 0..N-1")
+    parser.add_argument("--ignore-index", type=int, default=255,
+                        help="with --classes N: the mask value of unlabelled pixels")
+    parser.add_argument("--in-channels", type=int, choices=(1, 3), default=3,
+                        help="3: photos are loaded as RGB, 1: as grey (decides which photos get a note)")
 
 
 def check_main(args: argparse.Namespace) -> int:
     """Entry point of `python dataset.py check`: 0 when the dataset is fine (notes allowed), 1 on errors."""
-    report = check_dataset(args.data_dir, cache=args.cache, progress=sys.stderr.isatty())
+    report = check_dataset(args.data_dir, cache=args.cache, progress=sys.stderr.isatty(), classes=args.classes,
+                           ignore_index=args.ignore_index, in_channels=args.in_channels)
     print(report.summary())
     for line in report.errors:
         print(f"error: {line}")
@@ -402,33 +568,48 @@ def check_main(args: argparse.Namespace) -> int:
 # Loading and augmentations
 # ---------------------------------------------------------------------------------------------
 
-def load_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """An RGB photo as uint8 (H, W, 3); with size=(height, width), resized to it.
+def load_image(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
+    """A photo as uint8 (H, W, channels), RGB for 3 channels, grey for 1; with size=(height, width), resized to it.
 
     JPEGs are decoded at a reduced scale when the target is small (PIL's draft mode lets libjpeg skip
     most of the work: about 8x faster for Carvana photos at 160x240).
     """
+    mode = "RGB" if channels == 3 else "L"
     with Image.open(path) as img:
         if size is not None:
-            img.draft("RGB", (size[1], size[0]))  # keeps at least the requested size
-        img = to_rgb(img)
+            img.draft(mode, (size[1], size[0]))  # keeps at least the requested size
+        img = to_rgb(img, mode)
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.BILINEAR)
-        return np.array(img)  # a writable copy: torch warns on read-only arrays
+        array = np.array(img)  # a writable copy: torch warns on read-only arrays
+        return array if channels == 3 else array[:, :, None]
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any photo as 8-bit RGB: 16-bit grey scaled (not clipped) to 8 bits, alpha dropped, CMYK via PIL."""
+def to_rgb(img: Image.Image, mode: str = "RGB") -> Image.Image:
+    """Any photo as 8-bit RGB (or grey, mode 'L'): 16-bit grey scaled (not clipped) to 8 bits, alpha dropped, CMYK via PIL."""
     if img.mode.startswith("I"):  # 16-bit PNGs open as 'I;16' or 'I' depending on PIL's version
         grey = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
         img = Image.fromarray(((grey + 128) // 257).astype(np.uint8))  # 65535 -> 255, rounded
-    return img.convert("RGB")
+    return img.convert(mode)
 
 
 def load_mask(path: str | Path) -> np.ndarray:
     """A binary mask at its own size as uint8 {0, 1} (H, W): any non-zero grey level is car."""
     with Image.open(path) as img:
         return (np.asarray(img.convert("L")) > 0).astype(np.uint8)
+
+
+def load_class_mask(path: str | Path) -> np.ndarray:
+    """A class mask at its own size as uint8 (H, W): palette indices of a 'P' image, grey values of an 'L' one."""
+    with Image.open(path) as img:
+        return np.array(img if img.mode in ("P", "L") else img.convert("L"))
+
+
+def classes_to_size(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A class mask resized to size=(height, width) by nearest neighbour: indices are never blended."""
+    if labels.shape == tuple(size):
+        return labels
+    return np.array(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
 
 
 def mask_to_size(mask: np.ndarray, size: tuple[int, int], soft: bool = True) -> np.ndarray:
@@ -445,15 +626,22 @@ def mask_to_size(mask: np.ndarray, size: tuple[int, int], soft: bool = True) -> 
     return coverage if soft else np.where(coverage >= 128, 255, 0).astype(np.uint8)
 
 
-def train_transforms(height: int, width: int):
-    """Training augmentations: resize, horizontal flip, small shift/scale/rotate, colour jitter."""
+def train_transforms(height: int, width: int, channels: int = 3, mask_fill: int = 0):
+    """Training augmentations: resize, horizontal flip, small shift/scale/rotate, colour (or brightness) jitter.
+
+    mask_fill labels the border an affine move brings in: background for binary masks, the ignore index
+    for class masks (the black border is not any class).
+    """
     import albumentations as A
+    # ColorJitter needs 3 channels; on grey images brightness and contrast are what varies.
+    jitter = (A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5) if channels == 3
+              else A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5))
     return A.Compose([
         A.Resize(height, width),
         A.HorizontalFlip(p=0.5),
         A.Affine(translate_percent=(-0.05, 0.05), scale=(0.9, 1.1), rotate=(-5, 5),
-                 border_mode=0, fill=0, fill_mask=0, p=0.5),
-        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+                 border_mode=0, fill=0, fill_mask=mask_fill, p=0.5),
+        jitter,
     ])
 
 
@@ -463,11 +651,12 @@ def val_transforms(height: int, width: int):
     return A.Compose([A.Resize(height, width)])
 
 
-def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (H, W, 3) image and uint8 coverage (H, W) mask -> float (3, H, W) and (1, H, W) in [0, 1]."""
+def to_tensors(image: np.ndarray, mask: np.ndarray, classes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (H, W, C) image -> float (C, H, W) in [0, 1]; uint8 (H, W) mask -> float coverage (1, H, W)
+    in [0, 1], or with classes=True the class indices as int64 (H, W), as cross-entropy takes them."""
     image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    mask_t = torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0).float().div_(255)
-    return image_t, mask_t
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask))
+    return image_t, (mask_t.long() if classes else mask_t.unsqueeze(0).float().div_(255))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,18 +664,20 @@ def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch
 # ---------------------------------------------------------------------------------------------
 
 class CarvanaDataset(Dataset):
-    """Photo/mask pairs decoded straight to the training size, then augmented together.
+    """Image/mask pairs (Carvana's or any other) decoded straight to the training size, then augmented together.
 
-    Items are (image, mask) float tensors (3, H, W) and (1, H, W) in [0, 1]; the mask holds the car's
-    coverage of each pixel (soft_masks) or 0/1.
+    Items are (image, mask): a float (in_channels, H, W) image in [0, 1] and, for binary masks
+    (classes=1), a float (1, H, W) mask in [0, 1] holding the car's coverage of each pixel (soft_masks)
+    or 0/1; for classes >= 2, an int64 (H, W) map of class indices (resized by nearest neighbour).
     """
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], height: int, width: int, transform=None,
-                 cache: bool = False, soft_masks: bool = True):
+                 cache: bool = False, soft_masks: bool = True, classes: int = 1, in_channels: int = 3):
         self.pairs = list(pairs)
         self.size = (height, width)
         self.transform = transform
         self.soft_masks = soft_masks
+        self.classes, self.in_channels = classes, in_channels
         # Decoded pairs at the training size, kept per worker process: after the first epoch a
         # worker only augments (about 10x less work than decoding a full-size JPEG and GIF).
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
@@ -503,17 +694,26 @@ class CarvanaDataset(Dataset):
                 self.transform.set_random_seed(seed)
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return to_tensors(image, mask)
+        return to_tensors(image, mask, classes=self.classes > 1)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The un-augmented (image, mask) pair at the training size, from the cache when it is there."""
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         image_path, mask_path = self.pairs[index]
-        pair = load_image(image_path, self.size), mask_to_size(load_mask(mask_path), self.size, self.soft_masks)
+        image = load_image(image_path, self.size, self.in_channels)
+        if self.classes > 1:
+            mask = classes_to_size(load_class_mask(mask_path), self.size)
+        else:
+            mask = mask_to_size(load_mask(mask_path), self.size, self.soft_masks)
         if self.cache is not None:
-            self.cache[index] = pair
-        return pair
+            self.cache[index] = (image, mask)
+        return image, mask
+
+    def original_mask(self, index: int) -> np.ndarray:
+        """The mask of item `index` at its own size: {0, 1} for binary masks, class indices otherwise."""
+        mask_path = self.pairs[index][1]
+        return load_class_mask(mask_path) if self.classes > 1 else load_mask(mask_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +730,11 @@ class CarvanaDataset(Dataset):
 
 SYNTHETIC_VIEWS = 16
 SYNTHETIC_MANIFEST = "synthetic.json"
+# The car's parts, as render(parts=True) labels its pixels, and the classes each --classes N groups them into.
+_BODY, _WINDOW, _WHEEL = 1, 2, 3  # the body includes lights, grille, plate and mirrors; wheels their arches
+SYNTHETIC_CLASSES = {2: ("background", "car"), 3: ("background", "body", "windows and wheels"),
+                     4: ("background", "body", "windows", "wheels")}
+_PART_CLASS = {2: (0, 1, 1, 1), 3: (0, 1, 2, 2), 4: (0, 1, 2, 3)}  # part label -> class, per --classes
 SYNTHETIC_VERSION = 1  # bump when the drawing changes, so an older folder is not reused as current
 _LIGHT = np.array([-0.35, -0.55, 0.76]) / np.linalg.norm([-0.35, -0.55, 0.76])  # camera frame (right, away, up)
 _AMBIENT, _DIFFUSE = 0.55, 0.5
@@ -553,17 +758,19 @@ _BODY_STYLES = {  # (low, high) ranges in metres; rear_rake is the rear window's
 class _Face:
     """A flat convex polygon of a car part, with the polygons painted on it (windows, lights, wheels)."""
 
-    __slots__ = ("points", "normal", "color", "decals")
+    __slots__ = ("points", "normal", "color", "decals", "decal_parts")
 
     def __init__(self, points: np.ndarray, normal: np.ndarray, color: np.ndarray) -> None:
         self.points = points  # (k, 3), car coordinates
         self.normal = normal  # outward, unit length
         self.color = color
         self.decals: list[tuple[np.ndarray, np.ndarray]] = []
+        self.decal_parts: list[int] = []  # the part each decal shows (_BODY, _WINDOW, _WHEEL)
 
-    def paint(self, points: np.ndarray, color: Sequence[float]) -> None:
+    def paint(self, points: np.ndarray, color: Sequence[float], part: int = _BODY) -> None:
         """Add a polygon drawn over the face, in the face's shade."""
         self.decals.append((points, np.asarray(color, dtype=float)))
+        self.decal_parts.append(part)
 
 
 def _prism(profile: Sequence[tuple[float, float]], y0: float, y1: float, color: np.ndarray) -> list[_Face]:
@@ -700,10 +907,10 @@ class _SyntheticCar:
                 outer_y, inner_y = side * half_w, side * (half_w - tread)
                 self.wheels.append((_disc(x, radius, radius, outer_y), _disc(x, radius, radius, inner_y),
                                     np.array([x, (outer_y + inner_y) / 2, radius])))
-                cap.paint(_disc(x, radius, radius * 1.1, outer_y, floor=clearance), _WHEEL_WELL)
-                cap.paint(_disc(x, radius, radius, outer_y), _TYRE)
-                cap.paint(_disc(x, radius, radius * 0.62, outer_y), rim)
-                cap.paint(_disc(x, radius, radius * 0.16, outer_y), rim * 0.5)
+                cap.paint(_disc(x, radius, radius * 1.1, outer_y, floor=clearance), _WHEEL_WELL, _WHEEL)
+                cap.paint(_disc(x, radius, radius, outer_y), _TYRE, _WHEEL)
+                cap.paint(_disc(x, radius, radius * 0.62, outer_y), rim, _WHEEL)
+                cap.paint(_disc(x, radius, radius * 0.16, outer_y), rim * 0.5, _WHEEL)
         self.body = body
 
     def _build_cabin(self, rng: np.random.Generator, style: dict, paint: np.ndarray) -> None:
@@ -719,8 +926,8 @@ class _SyntheticCar:
         # Faces: 0, 1 the sides, 2 floor, 3 windscreen, 4 roof, 5 rear window.
         cabin = _prism([(base_rear, self.belt), (self.screen_base, self.belt), (top_front, self.roof),
                         (top_rear, self.roof)], -half_w, half_w, paint)
-        cabin[3].paint(_patch(cabin[3], (0.06, 0.94), (0.06, 0.93)), _GLASS)  # windscreen
-        cabin[5].paint(_patch(cabin[5], (0.07, 0.93), (0.07, 0.9)), _GLASS)   # rear window
+        cabin[3].paint(_patch(cabin[3], (0.06, 0.94), (0.06, 0.93)), _GLASS, _WINDOW)  # windscreen
+        cabin[5].paint(_patch(cabin[5], (0.07, 0.93), (0.07, 0.9)), _GLASS, _WINDOW)   # rear window
 
         def front_x(z: float) -> float:
             return self.screen_base - runs[0] * (z - self.belt) / rise
@@ -736,7 +943,7 @@ class _SyntheticCar:
                              (rear_x(high) + inset, high)])]
         for cap, y in ((cabin[0], half_w), (cabin[1], -half_w)):
             for window in windows:
-                cap.paint(_at_y(window, y), _GLASS)
+                cap.paint(_at_y(window, y), _GLASS, _WINDOW)
         self.cabin = cabin
 
         # Door mirrors stand beside the cabin's front, above the belt line like the cabin.
@@ -765,8 +972,12 @@ class _SyntheticCar:
         self.footprint = np.array([[half_l, half_w, 0], [half_l, -half_w, 0], [-half_l, -half_w, 0],
                                    [-half_l, half_w, 0]], dtype=float)
 
-    def render(self, view: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
-        """View 1..16 as a uint8 (H, W, 3) photo and its uint8 {0, 1} (H, W) mask."""
+    def render(self, view: int, supersample: int, parts: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """View 1..16 as a uint8 (H, W, 3) photo and its uint8 {0, 1} (H, W) mask.
+
+        With parts=True the mask labels each car pixel with the part most of it shows (_BODY, _WINDOW,
+        _WHEEL) instead of 1; its non-zero pixels are exactly the binary mask's.
+        """
         from PIL import ImageDraw
 
         angle = -np.pi / 2 + 2 * np.pi * (view - 1) / SYNTHETIC_VIEWS  # view 1 shows the front, as in Carvana
@@ -780,36 +991,42 @@ class _SyntheticCar:
         def project(points: np.ndarray) -> np.ndarray:
             return points @ to_screen.T + self.centre
 
-        # (polygon in pixels, colour, part of the silhouette?) in drawing order
-        polygons: list[tuple[np.ndarray, np.ndarray, bool]] = []
+        # (polygon in pixels, colour, part of the silhouette?, part label) in drawing order
+        polygons: list[tuple[np.ndarray, np.ndarray, bool, int]] = []
         for outer, inner, _ in sorted(self.wheels, key=lambda wheel: wheel[2] @ towards_camera):  # far first
-            polygons.append((_convex_hull(project(np.vstack([outer, inner]))), np.array(_TYRE), True))
+            polygons.append((_convex_hull(project(np.vstack([outer, inner]))), np.array(_TYRE), True, _WHEEL))
         near = 1 if towards_camera[1] > 0 else -1
         for part in (self.body, self.mirrors[-near], self.cabin, self.mirrors[near]):
             for face in part:
                 if face.normal @ towards_camera <= 1e-9:
                     continue
                 shade = _AMBIENT + _DIFFUSE * max(0.0, float(face.normal @ light))
-                polygons.append((project(face.points), face.color * shade, True))
-                polygons.extend((project(points), color * shade, False) for points, color in face.decals)
+                polygons.append((project(face.points), face.color * shade, True, _BODY))
+                polygons.extend((project(points), color * shade, False, part)
+                                for (points, color), part in zip(face.decals, face.decal_parts))
 
         # Draw at `supersample` times the resolution, only over the car's bounding box.
-        outline = np.vstack([points for points, _, silhouette in polygons if silhouette])
+        outline = np.vstack([points for points, _, silhouette, _ in polygons if silhouette])
         x0, y0 = np.maximum(np.floor(outline.min(axis=0)).astype(int) - 1, 0)
         x1, y1 = np.minimum(np.ceil(outline.max(axis=0)).astype(int) + 1, (self.width, self.height))
         box_w, box_h = x1 - x0, y1 - y0
         paint = Image.new("RGB", (box_w * supersample, box_h * supersample))
         cover = Image.new("L", paint.size)
         draw_paint, draw_cover = ImageDraw.Draw(paint), ImageDraw.Draw(cover)
+        labels = Image.new("L", paint.size) if parts else None
+        draw_labels = ImageDraw.Draw(labels) if labels is not None else None
         fine_pixels = supersample ** 2
-        for points, color, silhouette in polygons:
+        for points, color, silhouette, part in polygons:
             # -0.5: PIL's pixel k is centred on k, the fine pixel k covers [k, k+1) / supersample
             xy = ((points - (x0, y0)) * supersample - 0.5).ravel().tolist()
             draw_paint.polygon(xy, fill=tuple(min(255, max(0, round(c))) for c in color.tolist()))
             if silhouette:
                 draw_cover.polygon(xy, fill=fine_pixels)  # so that averaging counts the covered ones
+            if draw_labels is not None:
+                draw_labels.polygon(xy, fill=part)
         # A decal can round a fine pixel past the edge of its face: keep the paint inside the silhouette.
-        paint.paste((0, 0, 0), mask=cover.point([255] + [0] * 255))
+        outside = cover.point([255] + [0] * 255)
+        paint.paste((0, 0, 0), mask=outside)
 
         # The car's fine pixels are averaged into the photo (colour premultiplied by coverage, black
         # elsewhere) and counted into the mask, so that a pixel is car exactly when it is mostly car.
@@ -821,6 +1038,9 @@ class _SyntheticCar:
         region += np.asarray(paint.reduce(supersample), dtype=np.float32)
         mask = np.zeros((self.height, self.width), dtype=np.uint8)
         mask[y0:y1, x0:x1] = 2 * counts >= fine_pixels
+        if labels is not None:
+            labels.paste(0, mask=outside)
+            mask[y0:y1, x0:x1] *= _majority_part(np.asarray(labels), supersample)
         return np.clip(np.rint(photo), 0, 255).astype(np.uint8), mask
 
     def _backdrop_with_shadow(self, footprint: np.ndarray) -> np.ndarray:
@@ -837,6 +1057,14 @@ class _SyntheticCar:
         return self.backdrop * darken[:, :, None]
 
 
+def _majority_part(fine: np.ndarray, supersample: int) -> np.ndarray:
+    """uint8 (h, w): the part label covering most of each pixel's fine pixels, from fine labels (h*s, w*s)."""
+    h, w = fine.shape[0] // supersample, fine.shape[1] // supersample
+    blocks = fine.reshape(h, supersample, w, supersample)
+    votes = np.stack([(blocks == part).sum(axis=(1, 3)) for part in (_BODY, _WINDOW, _WHEEL)])
+    return (votes.argmax(axis=0) + _BODY).astype(np.uint8)
+
+
 def _save_mask(mask: np.ndarray, path: Path) -> None:
     """A {0, 1} mask as a palette GIF like Kaggle's: index 0 black (background), 1 white (car)."""
     image = Image.fromarray(mask)
@@ -844,7 +1072,7 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
     image.save(path, optimize=False)  # optimize renumbers the palette, e.g. an all-car mask to index 0
 
 
-def _synthetic_params(cars: int, width: int, height: int, seed: int) -> dict:
+def _synthetic_params(cars: int, width: int, height: int, seed: int, classes: int | None = None) -> dict:
     """What synthetic.json records: the arguments and generator version that determine every byte."""
     if cars < 1:
         raise ValueError(f"cars must be at least 1, got {cars}")
@@ -852,8 +1080,12 @@ def _synthetic_params(cars: int, width: int, height: int, seed: int) -> dict:
         raise ValueError(f"size must be at least 32x32, got {width}x{height}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    return {"cars": cars, "width": width, "height": height, "seed": seed, "views": SYNTHETIC_VIEWS,
-            "generator": "dataset.py synthetic", "version": SYNTHETIC_VERSION}
+    if classes is not None and classes not in SYNTHETIC_CLASSES:
+        raise ValueError(f"classes must be one of {', '.join(map(str, SYNTHETIC_CLASSES))}, got {classes}")
+    params = {"cars": cars, "width": width, "height": height, "seed": seed, "views": SYNTHETIC_VIEWS,
+              "generator": "dataset.py synthetic", "version": SYNTHETIC_VERSION}
+    # Only multi-class datasets record their classes, so binary ones keep the synthetic.json they had.
+    return params if classes is None else {**params, "classes": classes}
 
 
 def _is_complete_synthetic(out: Path, params: dict) -> bool:
@@ -879,16 +1111,17 @@ def _is_complete_synthetic(out: Path, params: dict) -> bool:
         found = None
     if found != params:
         if isinstance(found, dict):
-            keys = [key for key in params if found.get(key) != params[key]]
+            keys = [key for key in {**params, **found} if found.get(key) != params.get(key)]
             made = ", ".join(f"{key}={found.get(key)}" for key in keys)
-            detail = f"made with {made}, not {', '.join(f'{key}={params[key]}' for key in keys)}"
+            detail = f"made with {made}, not {', '.join(f'{key}={params.get(key)}' for key in keys)}"
         else:
             detail = f"whose {SYNTHETIC_MANIFEST} is unreadable"
         raise FileExistsError(f"{out} holds a synthetic dataset {detail}; choose another --out or delete it "
                               f"to regenerate")
-    masks = out / MASK_DIR
+    layout = GENERIC if params.get("classes") else KAGGLE
+    masks = out / layout.mask_dir
     n_masks = sum(1 for p in masks.iterdir() if not is_hidden(p)) if masks.is_dir() else 0
-    n_images, n_pairs = len(list_images(out)), params["cars"] * params["views"]
+    n_images, n_pairs = len(list_images(out, layout)), params["cars"] * params["views"]
     if n_images != n_pairs or n_masks != n_pairs:
         raise FileExistsError(f"{out} is incomplete: {n_images} photos and {n_masks} masks where "
                               f"{SYNTHETIC_MANIFEST} promises {n_pairs} of each; delete it to regenerate")
@@ -896,10 +1129,12 @@ def _is_complete_synthetic(out: Path, params: dict) -> bool:
 
 
 def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int] = (480, 320),
-                       seed: int = 0) -> Path:
+                       seed: int = 0, classes: int | None = None) -> Path:
     """Write a synthetic dataset in Kaggle's layout; size is (width, height). Returns out_dir.
 
     Each car gets 16 views as it turns on a studio backdrop, as JPEGs with exact palette-GIF masks.
+    With classes (2, 3 or 4; SYNTHETIC_CLASSES names them) it is a multi-class dataset in the generic
+    layout instead: images/X.jpg with masks/X.png, palette PNGs whose indices are the classes.
     The same arguments give byte-identical files. The files are written into a temporary sibling folder
     renamed into place at the end, with synthetic.json recording the arguments; when out_dir already
     holds the same dataset it is returned as is, anything else in out_dir is refused.
@@ -912,9 +1147,12 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
 
     from tqdm import tqdm
 
+    from utils import save_class_png
+
     out = Path(out_dir)
     width, height = size
-    params = _synthetic_params(cars, width, height, seed)
+    params = _synthetic_params(cars, width, height, seed, classes)
+    layout = KAGGLE if classes is None else GENERIC
     pairs = cars * SYNTHETIC_VIEWS
     if _is_complete_synthetic(out, params):
         print(f"synthetic dataset already in {out} ({pairs} pairs, {width}x{height}, seed {seed})")
@@ -925,8 +1163,8 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is not
-        (tmp / IMAGE_DIR).mkdir()
-        (tmp / MASK_DIR).mkdir()
+        (tmp / layout.image_dir).mkdir()
+        (tmp / layout.mask_dir).mkdir()
         supersample = 4 if width * height <= 1_000_000 else 2  # 2x keeps Kaggle's size to ~2 s a car
         car_ids: set[str] = set()
         # One independent stream per car: the first cars don't depend on how many are generated.
@@ -938,10 +1176,14 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
             car_ids.add(car)
             scene = _SyntheticCar(rng, width, height)
             for view in range(1, SYNTHETIC_VIEWS + 1):
-                photo, mask = scene.render(view, supersample)
-                image_path = tmp / IMAGE_DIR / f"{car}_{view:02d}.jpg"
+                photo, mask = scene.render(view, supersample, parts=classes is not None)
+                image_path = tmp / layout.image_dir / f"{car}_{view:02d}.jpg"
                 Image.fromarray(photo).save(image_path, quality=90)
-                _save_mask(mask, mask_path_for(image_path, tmp))
+                if classes is None:
+                    _save_mask(mask, mask_path_for(image_path, tmp))
+                else:
+                    labels = np.asarray(_PART_CLASS[classes], dtype=np.uint8)[mask]
+                    save_class_png(labels, tmp / layout.mask_dir / f"{image_path.stem}.png", classes)
         (tmp / SYNTHETIC_MANIFEST).write_text(json.dumps(params, indent=2) + "\n")
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty folder (made by hand, say) is replaced
@@ -954,29 +1196,35 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    kind = "" if classes is None else f", classes {', '.join(f'{i} {n}' for i, n in enumerate(SYNTHETIC_CLASSES[classes]))}"
     print(f"wrote {pairs} synthetic image/mask pairs ({cars} cars x {SYNTHETIC_VIEWS} views, "
-          f"{width}x{height}, seed {seed}) to {out} in {time.perf_counter() - start:.1f} s")
+          f"{width}x{height}, seed {seed}{kind}) to {out} in {time.perf_counter() - start:.1f} s")
     return out
 
 
 def add_synthetic_args(parser: argparse.ArgumentParser) -> None:
     """Flags of `python dataset.py synthetic`."""
-    parser.add_argument("--out", default="data/synthetic", help="folder to write (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="folder to write (default: data/synthetic, or data/synthetic-Nclass with --classes N)")
     parser.add_argument("--cars", type=int, default=24, help="number of cars, 16 views each (default: %(default)s)")
     parser.add_argument("--size", default="480x320", help="image size WxH (default: %(default)s; Kaggle's is 1918x1280)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--classes", type=int, default=None, choices=sorted(SYNTHETIC_CLASSES),
+                        help="write a multi-class dataset in the generic layout (images/, masks/ of class indices): "
+                             + "; ".join(f"{n}: {', '.join(names)}" for n, names in SYNTHETIC_CLASSES.items()))
 
 
 def synthetic_main(args: argparse.Namespace) -> int:
     """Entry point of `python dataset.py synthetic`."""
     try:
         width, height = parse_size(args.size)
-        _synthetic_params(args.cars, width, height, args.seed)  # bad arguments: a message, not a traceback
+        _synthetic_params(args.cars, width, height, args.seed, args.classes)  # bad arguments: a message, not a traceback
     except (argparse.ArgumentTypeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        generate_synthetic(args.out, cars=args.cars, size=(width, height), seed=args.seed)
+        out = args.out or ("data/synthetic" if args.classes is None else f"data/synthetic-{args.classes}class")
+        generate_synthetic(out, cars=args.cars, size=(width, height), seed=args.seed, classes=args.classes)
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -1330,7 +1578,7 @@ def check_download(out: Path, with_test: bool = False) -> list[tuple[Path, Path]
     """Check that every photo has its mask and report the counts; returns the pairs."""
     try:
         pairs = find_pairs(out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise DownloadError(str(e)) from None
     if not pairs:
         raise DownloadError(f"no photos found in {out / IMAGE_DIR} after extraction")

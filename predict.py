@@ -1,12 +1,14 @@
-"""Predict car masks with a trained U-Net: full-resolution PNG masks, overlays and a Kaggle submission.
+"""Predict masks with a trained U-Net: full-resolution PNG masks, overlays and a Kaggle submission.
 
     python predict.py --checkpoint runs/NAME/best.pt --input data/carvana/test --output predictions
     python predict.py --checkpoint runs/NAME/best.pt --input a.jpg photos/ --output out \\
         --overlay --tta --submission out/submission.csv.gz
 
-Each image is decoded at the checkpoint's training size and run through the model; the probabilities
-are upsampled bilinearly to the image's own resolution and then thresholded. For image X.jpg it writes
-OUTPUT/X_mask.png (0 background, 255 car) and, with --overlay, OUTPUT/X_overlay.jpg.
+Each image is decoded at the checkpoint's training size (in grey for a model trained with
+--in-channels 1) and run through the model; the probabilities are upsampled bilinearly to the image's
+own resolution, then thresholded (binary models) or turned into the most likely class (multi-class).
+For image X.jpg it writes OUTPUT/X_mask.png (binary: 0 background, 255 car; multi-class: a palette PNG
+whose pixel values are the class indices) and, with --overlay, OUTPUT/X_overlay.jpg.
 """
 from __future__ import annotations
 
@@ -77,12 +79,19 @@ def check_output_names(paths: Sequence[Path]) -> None:
         seen[path.stem] = path
 
 
-def save_outputs(path: Path, mask: np.ndarray, output: Path, overlay: bool = False) -> None:
-    """Write OUTPUT/X_mask.png and, with overlay, OUTPUT/X_overlay.jpg for image X."""
-    utils.save_mask_png(mask, output / f"{path.stem}_mask.png")
+def save_outputs(path: Path, mask: np.ndarray, output: Path, overlay: bool = False, classes: int = 1) -> None:
+    """Write OUTPUT/X_mask.png and, with overlay, OUTPUT/X_overlay.jpg for image X.
+
+    mask is a boolean mask (classes=1, saved 0/255) or a map of class indices (saved as a palette PNG).
+    """
+    if classes == 1:
+        utils.save_mask_png(mask, output / f"{path.stem}_mask.png")
+    else:
+        utils.save_class_png(mask, output / f"{path.stem}_mask.png", classes)
     if overlay:
         photo = torch.tensor(load_image(path)).permute(2, 0, 1)  # full resolution (3, H, W), a writable copy
-        tinted = utils.overlay(photo, torch.from_numpy(mask))
+        mask_t = torch.from_numpy(mask)
+        tinted = utils.overlay(photo, mask_t) if classes == 1 else utils.overlay_classes(photo, mask_t, classes)
         Image.fromarray(tinted.permute(1, 2, 0).numpy()).save(output / f"{path.stem}_overlay.jpg", quality=90)
 
 
@@ -122,8 +131,12 @@ def open_submission(path: Path | None) -> Iterator[Any]:
 # Model
 # ---------------------------------------------------------------------------------------------
 
-def load_binary_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
-    """(model in eval mode, channels_last, on device; its training size (height, width)) from a checkpoint."""
+def load_segmentation_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
+    """(model in eval mode, channels_last, on device; its training size (height, width)) from a checkpoint.
+
+    Its model_config says what it reads and writes: in_channels (3 RGB, 1 grey) and out_channels
+    (1 for binary, N classes otherwise).
+    """
     model, state = utils.load_model(checkpoint, device)
     config = state.get("config") or {}
     try:
@@ -131,20 +144,31 @@ def load_binary_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module
     except (KeyError, TypeError, ValueError):
         raise utils.CheckpointError(f"{checkpoint}: has no training size (config height and width, "
                                     f"as train.py writes)") from None
-    if model.config["out_channels"] != 1:
-        raise utils.CheckpointError(f"{checkpoint}: predict.py needs a binary model (out_channels=1), "
-                                    f"this one has out_channels={model.config['out_channels']}")
     return model.to(memory_format=torch.channels_last), size
+
+
+def to_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 probabilities of (N, C, h, w) logits: sigmoid for one channel (binary), softmax over C classes."""
+    logits = logits.float()
+    return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(dim=1)
+
+
+def to_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(N, h, w) decisions from (N, C, h, w) probabilities: bool above threshold (binary), else the likeliest class (uint8)."""
+    return probs[:, 0] > threshold if probs.shape[1] == 1 else probs.argmax(dim=1).to(torch.uint8)
 
 
 @torch.inference_mode()
 def predict_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Float32 car probabilities (N, 1, h, w) for float images (N, 3, h, w) in [0, 1]; model in eval mode."""
+    """Float32 probabilities (N, C, h, w) for float images (N, in_channels, h, w) in [0, 1]; model in eval mode.
+
+    C is 1 (car probability) for a binary model, the number of classes otherwise.
+    """
     if not tta:
-        return model(images).float().sigmoid()
+        return to_probabilities(model(images))
     # Horizontal-flip TTA in one forward pass over both views (BatchNorm is in eval mode, so mixing
     # them in a batch changes nothing); the mirrored view's prediction is flipped back before averaging.
-    plain, mirrored = model(torch.cat([images, images.flip(-1)])).float().sigmoid().chunk(2)
+    plain, mirrored = to_probabilities(model(torch.cat([images, images.flip(-1)]))).chunk(2)
     return (plain + mirrored.flip(-1)) / 2
 
 
@@ -156,37 +180,41 @@ def upsample_to(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class ImageFiles(Dataset):
-    """Images decoded straight to the model's input size, each with its original (height, width)."""
+    """Images decoded straight to the model's input size and channels, each with its original (height, width)."""
 
-    def __init__(self, paths: Sequence[Path], size: tuple[int, int]):
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int], channels: int = 3):
         self.paths = list(paths)
         self.size = size
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
-        """(uint8 (h, w, 3) image, original (H, W), index, error message or "")."""
+        """(uint8 (h, w, channels) image, original (H, W), index, error message or "")."""
         path = self.paths[index]
         try:
             with Image.open(path) as img:
                 width, height = img.size  # reads the header only
-            image = torch.tensor(load_image(path, self.size))  # a copy: PIL's array is read-only
+            image = torch.tensor(load_image(path, self.size, self.channels))  # a copy: PIL's array is read-only
             return image, torch.tensor([height, width]), index, ""
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             # Returned, not raised: a worker's exception would reach the user wrapped in its traceback.
-            blank = torch.zeros(*self.size, 3, dtype=torch.uint8)
+            blank = torch.zeros(*self.size, self.channels, dtype=torch.uint8)
             return blank, torch.tensor([0, 0]), index, f"{path}: cannot read the image ({e})"
 
 
 def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int], *, batch_size: int = 8,
                   workers: int = 0, threshold: float = 0.5,
                   tta: bool = False) -> Iterator[tuple[Path, np.ndarray]]:
-    """(path, bool mask at the image's own resolution) for each path, in order, on the model's device."""
+    """(path, mask at the image's own resolution) for each path, in order, on the model's device.
+
+    The mask is boolean for a binary model, uint8 class indices for a multi-class one.
+    """
     device = next(model.parameters()).device
     dtype = utils.autocast_dtype(device)
-    loader = DataLoader(ImageFiles(paths, size), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(ImageFiles(paths, size, model.config["in_channels"]), batch_size=batch_size,
+                        num_workers=workers, pin_memory=device.type == "cuda")
     for images, sizes, indices, errors in loader:
         if bad := [e for e in errors if e]:
             raise InputError(bad[0])
@@ -195,8 +223,8 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int]
         with utils.autocast(device, dtype):
             probs = predict_probabilities(model, x, tta)
         for prob, (height, width), index in zip(probs, sizes.tolist(), indices.tolist()):
-            # Upsample the probabilities, not the thresholded mask, so edges are smooth at full size.
-            mask = upsample_to(prob[None], (height, width))[0, 0] > threshold
+            # Upsample the probabilities, not the decided mask, so edges are smooth at full size.
+            mask = to_labels(upsample_to(prob[None], (height, width)), threshold)[0]
             yield paths[index], mask.cpu().numpy()
 
 
@@ -239,14 +267,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, metavar="DIR", **required,
                         help="folder for X_mask.png (and X_overlay.jpg) per image X; created if needed")
     parser.add_argument("--threshold", type=_probability, default=0.5, metavar="P",
-                        help="a pixel is car when its probability is above this")
+                        help="binary models: a pixel is car when its probability is above this "
+                             "(multi-class models take the likeliest class)")
     parser.add_argument("--overlay", action="store_true",
-                        help="also write X_overlay.jpg: the mask tinted over the full-resolution photo")
+                        help="also write X_overlay.jpg: the mask tinted over the full-resolution photo "
+                             "(one colour per foreground class for multi-class models)")
     parser.add_argument("--tta", action="store_true",
                         help="average the probabilities of each image and its horizontal mirror (2x the compute)")
     parser.add_argument("--submission", type=Path, metavar="FILE",
                         help="also write a Kaggle submission (img,rle_mask) here; gzip-compressed if it ends "
-                             "in .gz")
+                             "in .gz (binary models only)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                         help="images per forward pass")
     parser.add_argument("--device", default="auto", metavar="NAME",
@@ -265,18 +295,23 @@ def run(args: argparse.Namespace) -> None:
         device = utils.select_device(args.device)
     except ValueError as e:
         raise InputError(str(e)) from None
-    model, size = load_binary_model(args.checkpoint, device)
+    model, size = load_segmentation_model(args.checkpoint, device)
+    classes = model.config["out_channels"]
+    if classes > 1 and args.submission is not None:
+        raise InputError(f"{args.checkpoint}: --submission writes Kaggle's binary run-length encoding, but this "
+                         f"model segments {classes} classes; leave out --submission (the class masks are PNGs)")
     try:
         args.output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{args.output}: cannot create the output folder ({e.strerror or e})") from None
-    print(f"{len(paths)} image(s) -> {args.output}: model input {size[0]}x{size[1]} on {device}"
+    kind = ("" if model.config["in_channels"] == 3 else ", grayscale") + ("" if classes == 1 else f", {classes} classes")
+    print(f"{len(paths)} image(s) -> {args.output}: model input {size[0]}x{size[1]}{kind} on {device}"
           f"{', TTA' if args.tta else ''}")
     predictions = predict_paths(model, paths, size, batch_size=args.batch_size, workers=args.workers,
                                 threshold=args.threshold, tta=args.tta)
     with open_submission(args.submission) as submission:
         for path, mask in tqdm(predictions, total=len(paths), unit="img", desc="predict"):
-            save_outputs(path, mask, args.output, overlay=args.overlay)
+            save_outputs(path, mask, args.output, overlay=args.overlay, classes=classes)
             if submission is not None:
                 submission.writerow([path.name, utils.rle_encode(mask)])
     if args.submission is not None:

@@ -1,7 +1,8 @@
-"""Train a U-Net on Carvana (or the synthetic default) with a plain PyTorch loop.
+"""Train a U-Net on Carvana (or the synthetic default, or your own data) with a plain PyTorch loop.
 
     python train.py --synthetic                     # no Kaggle account needed: generates data/synthetic
     python train.py --data-dir data/carvana         # Kaggle's Carvana (python dataset.py download)
+    python train.py --data-dir mydata --classes 3   # your own: mydata/images/*, mydata/masks/* (class indices)
     python train.py --resume runs/exp/last.pt       # continue a run where it stopped
     python train.py --resume runs/exp/best.pt --evaluate   # only evaluate a checkpoint
     torchrun --nproc_per_node=4 train.py ...        # several GPUs (DistributedDataParallel)
@@ -42,15 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=None,
-                      help="dataset folder in Kaggle's layout (train/*.jpg, train_masks/*_mask.gif); "
+                      help="dataset folder in Kaggle's layout (train/*.jpg, train_masks/*_mask.gif) or the "
+                           "generic one (images/*, masks/* paired by file stem); "
                            "default: data/carvana, or data/synthetic with --synthetic")
+    data.add_argument("--val-dir", default=None,
+                      help="validation set in its own folder (either layout); default: split --data-dir")
     data.add_argument("--synthetic", action="store_true",
                       help="train on the synthetic Carvana-format dataset, generating it on first use")
     data.add_argument("--synthetic-cars", type=int, default=24, help="cars in the generated synthetic dataset")
     data.add_argument("--skip-bad", action="store_true",
                       help="train on the good pairs when the dataset check finds errors (default: refuse to start)")
-    data.add_argument("--val-cars", type=float, default=0.2,
-                      help="cars held out for validation: a count (>= 1) or a fraction (< 1)")
+    data.add_argument("--val-cars", "--val-split", dest="val_cars", type=float, default=0.2,
+                      help="without --val-dir, held out for validation: a count (>= 1) or a fraction (< 1) of "
+                           "the cars (Carvana-named images: all views of a car on one side) or else of the images")
+    data.add_argument("--classes", type=int, default=1,
+                      help="1: binary masks (0/1 or 0/255), sigmoid, BCE + soft Dice; N >= 2: masks hold class "
+                           "indices 0..N-1 (single-channel or palette PNG), softmax cross-entropy + soft Dice, "
+                           "per-class IoU/Dice")
+    data.add_argument("--ignore-index", type=int, default=255,
+                      help="with --classes N: the mask value of unlabelled pixels, left out of the loss and metrics")
     data.add_argument("--height", type=int, default=160, help="training height in pixels")
     data.add_argument("--width", type=int, default=240, help="training width in pixels")
     data.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
@@ -58,13 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "(about 115 KB per image at 160x240, per worker)")
     data.add_argument("--soft-masks", action=argparse.BooleanOptionalAction, default=True,
                       help="train on each small pixel's car coverage instead of 0/1, so that masks upsampled "
-                           "to full resolution put the edge where it is (metrics always use 0/1 targets)")
+                           "to full resolution put the edge where it is (metrics always use 0/1 targets); "
+                           "binary only: class masks are resized by nearest neighbour")
     data.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
                       help="data-loading worker processes (0 loads in the main process)")
 
     model = p.add_argument_group("model")
     model.add_argument("--features", type=int, nargs="+", default=[64, 128, 256, 512],
                        help="channels of each encoder level, e.g. --features 32 64 128 256")
+    model.add_argument("--in-channels", type=int, choices=(1, 3), default=3,
+                       help="image channels: 3 loads images as RGB, 1 as 8-bit grey (medical, microscopy)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10, help="number of epochs")
@@ -108,6 +122,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.given = set(vars(parser.parse_args(argv)))
     if args.evaluate and not args.resume:
         parser.error("--evaluate needs --resume CHECKPOINT")
+    if not 1 <= args.classes <= 256:
+        parser.error(f"--classes must be 1 (binary) or 2..256 (class indices fit in 8 bits), got {args.classes}")
+    if not 0 <= args.ignore_index <= 255:
+        parser.error(f"--ignore-index must be 0..255 (an 8-bit mask value), got {args.ignore_index}")
     return args
 
 
@@ -204,8 +222,13 @@ class SeededSampler(Sampler):
 def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, train: bool,
                 rank: int, world_size: int, device: torch.device) -> DataLoader:
     """A DataLoader over pairs: augmented and shuffled for training, resize-only and in order for validation."""
-    transform = (ds.train_transforms if train else ds.val_transforms)(args.height, args.width)
-    data = ds.CarvanaDataset(pairs, args.height, args.width, transform, cache=args.cache, soft_masks=args.soft_masks)
+    if train:  # class masks mark the border an affine move brings in as unlabelled, not as background
+        transform = ds.train_transforms(args.height, args.width, args.in_channels,
+                                        mask_fill=args.ignore_index if args.classes > 1 else 0)
+    else:
+        transform = ds.val_transforms(args.height, args.width)
+    data = ds.CarvanaDataset(pairs, args.height, args.width, transform, cache=args.cache, soft_masks=args.soft_masks,
+                             classes=args.classes, in_channels=args.in_channels)
     sampler = SeededSampler(len(data), args.seed, shuffle=train, rank=rank, world_size=world_size)
     return DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                       pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
@@ -224,8 +247,7 @@ def print_findings(lines: Sequence[str], kind: str, data_dir: Path, limit: int =
 def load_dataset_or_exit(args: argparse.Namespace, rank: int) -> list[tuple[Path, Path]]:
     """The good (image, mask) pairs of --data-dir, after the dataset check; exits with help on problems.
 
-    Generates the synthetic default first when asked. Refuses to train on a dataset with errors
-    unless --skip-bad, which trains on the good pairs and says how many were left out.
+    Generates the synthetic default first when asked.
     """
     data_dir = Path(args.data_dir)
     if args.synthetic:
@@ -235,11 +257,20 @@ def load_dataset_or_exit(args: argparse.Namespace, rank: int) -> list[tuple[Path
             dist.barrier()
     if not ds.list_images(data_dir):
         sys.exit(
-            f"error: no training data in {data_dir} (expected {data_dir}/{ds.IMAGE_DIR}/*.jpg and "
-            f"{data_dir}/{ds.MASK_DIR}/*{ds.MASK_SUFFIX}).\n"
+            f"error: no training data in {data_dir}: expected {ds.LAYOUTS.replace('DIR', str(data_dir))}.\n"
             f"  Download Carvana (needs a Kaggle account):  python dataset.py download --out {data_dir}\n"
             f"  Or train on the synthetic default:           python train.py --synthetic")
-    report = ds.check_dataset(data_dir, progress=rank == 0 and sys.stderr.isatty())
+    return checked_pairs_or_exit(data_dir, args, rank)
+
+
+def checked_pairs_or_exit(data_dir: Path, args: argparse.Namespace, rank: int) -> list[tuple[Path, Path]]:
+    """The good pairs of a dataset folder after the dataset check, which knows --classes and --in-channels.
+
+    Refuses to train on a dataset with errors unless --skip-bad, which trains on the good pairs and
+    says how many were left out.
+    """
+    report = ds.check_dataset(data_dir, progress=rank == 0 and sys.stderr.isatty(), classes=args.classes,
+                              ignore_index=args.ignore_index, in_channels=args.in_channels)
     if rank == 0:
         print_findings(report.errors, "error", data_dir)
         print_findings(report.notes, "note", data_dir)
@@ -267,6 +298,92 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (prob * target).sum()
     soft_dice = (2 * inter + 1) / (prob.sum() + target.sum() + 1)
     return bce + (1 - soft_dice)
+
+
+def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Softmax cross-entropy plus soft Dice averaged over the classes, skipping ignore_index pixels; fp32.
+
+    logits (N, C, H, W), target int64 (N, H, W) class indices. Both terms are over the batch's labelled
+    pixels (a batch with none gives 0 rather than NaN).
+    """
+    logits = logits.float()
+    labelled = target != ignore_index
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / labelled.sum().clamp_min(1)
+    weight = labelled.unsqueeze(1).float()
+    prob = logits.softmax(dim=1) * weight
+    one_hot = F.one_hot(target.where(labelled, 0), logits.shape[1]).permute(0, 3, 1, 2).float() * weight
+    dims = (0, 2, 3)
+    soft_dice = (2 * (prob * one_hot).sum(dims) + 1) / (prob.sum(dims) + one_hot.sum(dims) + 1)
+    return ce + (1 - soft_dice.mean())
+
+
+class BinaryTask:
+    """One logit per pixel (car or not): BCE + soft Dice on coverage targets, metrics of logits > 0."""
+
+    classes = 1
+    best_name = "Dice"  # what best.pt is chosen by
+    # --evaluate's table: (title, metrics key, column width), then what the columns mean.
+    table = (("mean Dice", "mean_dice", 10), ("Dice", "dice", 9), ("mean IoU", "mean_iou", 10),
+             ("IoU", "iou", 9), ("accuracy", "acc", 10))
+    table_note = "mean Dice = mean of per-image Dice (Kaggle's metric); Dice = over all pixels of the set"
+
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return bce_dice_loss(logits, masks)  # looked up at each call, so tests can patch it
+
+    def labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Predicted masks (N, 1, H, W) from logits."""
+        return logits > 0
+
+    def truth(self, masks: torch.Tensor) -> torch.Tensor:
+        """Target masks for the metrics: coverage (or {0, 1}) above one half."""
+        return masks > 0.5
+
+    def metrics(self, device: torch.device) -> utils.SegmentationMetrics:
+        return utils.SegmentationMetrics(device)
+
+    def describe(self, m: dict[str, Any]) -> str:
+        """The scores of a metrics dict in one line."""
+        return (f"Dice {m['dice']:.4f} (mean per image {m['mean_dice']:.4f})  IoU {m['iou']:.4f}  "
+                f"acc {m['acc']:.4f}")
+
+
+class MulticlassTask:
+    """One logit per class: softmax cross-entropy + soft Dice, metrics of the argmax from a confusion matrix."""
+
+    best_name = "Dice (mean over foreground classes)"
+    table = (("Dice fg", "dice", 10), ("IoU fg", "iou", 9), ("Dice all", "dice_all", 10),
+             ("IoU all", "iou_all", 9), ("accuracy", "acc", 10))
+    table_note = ("fg = mean over the foreground classes 1..N-1, all = mean including background (class 0); "
+                  "over all pixels of the set, --ignore-index pixels left out")
+
+    def __init__(self, classes: int, ignore_index: int):
+        self.classes, self.ignore_index = classes, ignore_index
+
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return ce_dice_loss(logits, masks, self.ignore_index)
+
+    def labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Predicted class indices (N, H, W) from logits."""
+        return logits.argmax(dim=1)
+
+    def truth(self, masks: torch.Tensor) -> torch.Tensor:
+        """Target class indices: the masks themselves (ignore_index pixels are skipped by the metrics)."""
+        return masks
+
+    def metrics(self, device: torch.device) -> utils.MulticlassMetrics:
+        return utils.MulticlassMetrics(self.classes, self.ignore_index, device)
+
+    def describe(self, m: dict[str, Any]) -> str:
+        """The scores of a metrics dict in one line, saying which classes each mean covers."""
+        per_class = " ".join(f"{v:.3f}" for v in m["class_iou"])
+        return (f"mean over foreground classes: Dice {m['dice']:.4f} IoU {m['iou']:.4f}  incl. background: "
+                f"Dice {m['dice_all']:.4f} IoU {m['iou_all']:.4f}  IoU per class 0..{self.classes - 1} "
+                f"[{per_class}]  acc {m['acc']:.4f}")
+
+
+def make_task(args: argparse.Namespace) -> BinaryTask | MulticlassTask:
+    """The loss, metrics and decisions for --classes: binary for 1, multi-class otherwise."""
+    return BinaryTask() if args.classes == 1 else MulticlassTask(args.classes, args.ignore_index)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -301,7 +418,8 @@ def stop_requested(device: torch.device, distributed: bool) -> bool:
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler, device: torch.device,
                     amp_dtype: torch.dtype | None, args: argparse.Namespace, epoch: int,
-                    progress: dict[str, float] | None = None, show_progress: bool = True) -> float:
+                    progress: dict[str, float] | None = None, show_progress: bool = True,
+                    task: BinaryTask | MulticlassTask = BinaryTask()) -> float:
     """One pass over the training data; returns the mean loss per image (over all processes).
 
     progress ({"step", "loss_sum", "count"}) resumes an epoch that a signal interrupted: its first
@@ -324,7 +442,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         masks = masks.to(device, non_blocking=True)
         with utils.autocast(device, amp_dtype):
             logits = model(images)
-        loss = bce_dice_loss(logits, masks)
+        loss = task.loss(logits, masks)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_grad > 0:
@@ -361,19 +479,19 @@ def _check_finite(first_bad_step: int, epoch: int, scaler: torch.amp.GradScaler)
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
              amp_dtype: torch.dtype | None, channels_last: bool = True, show_progress: bool = True,
-             desc: str = "validate") -> dict[str, float]:
+             desc: str = "validate", task: BinaryTask | MulticlassTask = BinaryTask()) -> dict[str, Any]:
     """Loss and Dice/IoU/accuracy over the whole loader at its resolution, reduced over processes."""
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    metrics = utils.SegmentationMetrics(device)
+    metrics = task.metrics(device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     for images, masks in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
         with utils.autocast(device, amp_dtype):
             logits = model(images)
-        loss_sum += bce_dice_loss(logits, masks).double() * images.shape[0]
-        metrics.update(logits > 0, masks > 0.5)
+        loss_sum += task.loss(logits, masks).double() * images.shape[0]
+        metrics.update(task.labels(logits), task.truth(masks))
     all_reduce_sum(metrics.sums)
     all_reduce_sum(loss_sum)
     result = metrics.compute()
@@ -383,7 +501,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
 
 @torch.no_grad()
 def save_predictions(model: torch.nn.Module, data: ds.CarvanaDataset, indices: Sequence[int],
-                     out_dir: Path, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+                     out_dir: Path, device: torch.device, amp_dtype: torch.dtype | None,
+                     task: BinaryTask | MulticlassTask = BinaryTask()) -> None:
     """Masks and image | truth | prediction | overlay panels for a fixed few validation images."""
     model.eval()
     images, masks = zip(*(data[i] for i in indices))
@@ -391,17 +510,18 @@ def save_predictions(model: torch.nn.Module, data: ds.CarvanaDataset, indices: S
     with utils.autocast(device, amp_dtype):
         logits = model(images.to(device))
     names = [data.pairs[i][0].stem for i in indices]
-    utils.save_prediction_images(images, masks > 0.5, logits.float().cpu() > 0, names, out_dir)
+    utils.save_prediction_images(images, task.truth(masks), task.labels(logits.float().cpu()), names, out_dir,
+                                 classes=task.classes)
 
 
 # ---------------------------------------------------------------------------------------------
 # Run folder
 # ---------------------------------------------------------------------------------------------
 
-def format_metrics(m: dict[str, float], height: int, width: int) -> str:
+def format_metrics(m: dict[str, Any], height: int, width: int,
+                   task: BinaryTask | MulticlassTask = BinaryTask()) -> str:
     """One line: loss, Dice, IoU and accuracy, with the resolution they were computed at."""
-    return (f"loss {m['loss']:.4f}  Dice {m['dice']:.4f} (mean per image {m['mean_dice']:.4f})  "
-            f"IoU {m['iou']:.4f}  acc {m['acc']:.4f}  [{m['images']} images at {height}x{width}]")
+    return f"loss {m['loss']:.4f}  {task.describe(m)}  [{m['images']} images at {height}x{width}]"
 
 
 def default_out_dir() -> Path:
@@ -471,16 +591,43 @@ def load_resume_state(args: argparse.Namespace) -> dict[str, Any] | None:
     return state
 
 
+def split_or_exit(pairs: list[tuple[Path, Path]], args: argparse.Namespace, state: dict[str, Any] | None,
+                  rank: int) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]], dict[str, list[str]]]:
+    """(training pairs, validation pairs, split) from --val-dir, else from a seeded split by group.
+
+    A group is a car for Carvana-named images, the image itself otherwise; a resumed run keeps its split.
+    """
+    if args.val_dir:
+        val_pairs = checked_pairs_or_exit(Path(args.val_dir), args, rank)
+        return pairs, val_pairs, {"train": ds.groups_of(pairs), "val": ds.groups_of(val_pairs)}
+    if state is not None and state.get("split"):
+        split = state["split"]
+    else:
+        try:
+            train_groups, val_groups = ds.split_by_group(pairs, args.val_cars, args.seed)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        split = {"train": train_groups, "val": val_groups}
+    train_pairs, val_pairs = ds.pairs_of_groups(pairs, split["train"]), ds.pairs_of_groups(pairs, split["val"])
+    if not val_pairs:
+        sys.exit(f"error: none of the validation cars or images of {args.resume} are in {args.data_dir}")
+    return train_pairs, val_pairs, split
+
+
 def build_model(args: argparse.Namespace, state: dict[str, Any] | None, device: torch.device,
                 world_size: int, local_rank: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(model to save, model to run): the UNet (from the checkpoint when resuming), wrapped for DDP/compile."""
     if state is None:
-        model = UNet(features=args.features)
+        model = UNet(in_channels=args.in_channels, out_channels=args.classes, features=args.features)
     else:
         try:
             model = utils.model_from_checkpoint(state, args.resume)
         except utils.CheckpointError as e:
             sys.exit(f"error: {e}")
+        if (model.config["in_channels"], model.config["out_channels"]) != (args.in_channels, args.classes):
+            sys.exit(f"error: {args.resume} holds a model with in_channels={model.config['in_channels']} and "
+                     f"out_channels={model.config['out_channels']}, which --in-channels {args.in_channels} "
+                     f"--classes {args.classes} do not fit; leave those flags out to use the checkpoint's")
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if world_size > 1:
         if args.sync_bn:
@@ -500,19 +647,13 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     resolve_data_dir(args)
     out_dir = Path(args.out_dir or default_out_dir())
 
+    task = make_task(args)
     pairs = load_dataset_or_exit(args, rank)
-    if state is not None and state.get("split"):
-        split = state["split"]
-    else:
-        train_cars, val_cars = ds.split_by_car(pairs, args.val_cars, args.seed)
-        split = {"train": train_cars, "val": val_cars}
-    train_pairs, val_pairs = ds.pairs_of_cars(pairs, split["train"]), ds.pairs_of_cars(pairs, split["val"])
-    if not val_pairs:
-        sys.exit(f"error: none of the validation cars of {args.resume} are in {args.data_dir}")
+    train_pairs, val_pairs, split = split_or_exit(pairs, args, state, rank)
 
     model, train_model = build_model(args, state, device, world_size, local_rank)
     if args.evaluate:
-        return run_evaluation(train_model, val_pairs, args, device, amp_dtype, rank, world_size)
+        return run_evaluation(train_model, val_pairs, args, device, amp_dtype, rank, world_size, task)
     val_loader = make_loader(val_pairs, args, False, rank, world_size, device)
 
     train_loader = make_loader(train_pairs, args, True, rank, world_size, device)
@@ -534,9 +675,12 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_config(args), out_dir / "config.json")
         write_json(split, out_dir / "split.json")
-        print(f"{len(train_pairs)} training images ({len(split['train'])} cars), {len(val_pairs)} validation "
-              f"images ({len(split['val'])} cars) from {args.data_dir}; UNet {unwrap(model).config['features']} "
-              f"({count_parameters(model) / 1e6:.1f} M parameters) on {device}"
+        source = args.data_dir if not args.val_dir else f"{args.data_dir} and {args.val_dir}"
+        kind = ("" if args.in_channels == 3 else ", grayscale input") + (
+            "" if task.classes == 1 else f", {task.classes} classes (ignore index {args.ignore_index})")
+        print(f"{ds.describe_pairs(train_pairs)} for training, {ds.describe_pairs(val_pairs)} for validation "
+              f"from {source}; UNet {unwrap(model).config['features']} ({count_parameters(model) / 1e6:.1f} M "
+              f"parameters){kind} on {device}"
               f"{f' x{world_size}' if world_size > 1 else ''}, amp {amp_dtype or 'off'}; run folder {out_dir}")
         if start_epoch > 1 or progress:
             print(f"resuming at epoch {start_epoch}" + (f", step {progress['step']}" if progress else ""))
@@ -549,7 +693,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
         started = time.perf_counter()
         try:
             train_loss = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, device,
-                                         amp_dtype, args, epoch, progress, show_progress=is_main)
+                                         amp_dtype, args, epoch, progress, show_progress=is_main, task=task)
         except StopRequested as stop:
             if is_main:
                 utils.save_checkpoint(state_at(epoch - 1, stop.progress), out_dir / "last.pt")
@@ -560,7 +704,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
             print(f"error: {e}", file=sys.stderr)
             return 1
         progress = None
-        val = evaluate(train_model, val_loader, device, amp_dtype, args.channels_last, show_progress=is_main)
+        val = evaluate(train_model, val_loader, device, amp_dtype, args.channels_last, show_progress=is_main, task=task)
         seconds = time.perf_counter() - started
         improved = val["dice"] > best_dice
         best_dice = max(best_dice, val["dice"])
@@ -572,12 +716,13 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
             utils.save_checkpoint(state, out_dir / "last.pt")
             if improved:
                 utils.save_checkpoint(state, out_dir / "best.pt")
-                save_predictions(unwrap(model), val_loader.dataset, preview, out_dir / "predictions", device,
-                                 amp_dtype)
+                if preview:  # --num-predictions 0 saves none
+                    save_predictions(unwrap(model), val_loader.dataset, preview, out_dir / "predictions", device,
+                                     amp_dtype, task)
             utils.write_metrics_csv(rows, out_dir / "metrics.csv")
             utils.plot_curves(rows, out_dir / "curves.png")
             print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  "
-                  f"val {format_metrics(val, args.height, args.width)}  {seconds:.1f}s"
+                  f"val {format_metrics(val, args.height, args.width, task)}  {seconds:.1f}s"
                   f"{'  (best)' if improved else ''}", flush=True)
         if epoch < args.epochs and stop_requested(device, world_size > 1):
             if is_main:
@@ -585,15 +730,18 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
                       f"Resume with: python train.py --resume {out_dir}", file=sys.stderr)
             return 130
     if is_main:
-        print(f"done: best validation Dice {best_dice:.4f} at {args.height}x{args.width}; run folder {out_dir}")
+        print(f"done: best validation {task.best_name} {best_dice:.4f} at {args.height}x{args.width}; "
+              f"run folder {out_dir}")
     return 0
 
 
 class FullResolutionPairs(torch.utils.data.Dataset):
     """Validation items for --evaluate: the image and mask at the training size plus the original mask."""
 
-    def __init__(self, pairs: Sequence[tuple[Path, Path]], height: int, width: int):
-        self.resized = ds.CarvanaDataset(pairs, height, width, ds.val_transforms(height, width), soft_masks=False)
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], height: int, width: int, classes: int = 1,
+                 in_channels: int = 3):
+        self.resized = ds.CarvanaDataset(pairs, height, width, ds.val_transforms(height, width), soft_masks=False,
+                                         classes=classes, in_channels=in_channels)
 
     def __len__(self) -> int:
         return len(self.resized)
@@ -601,7 +749,7 @@ class FullResolutionPairs(torch.utils.data.Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image, mask = self.resized[item]
         index = item[0] if isinstance(item, tuple) else item
-        return image, mask, torch.from_numpy(ds.load_mask(self.resized.pairs[index][1]))
+        return image, mask, torch.from_numpy(self.resized.original_mask(index))
 
     @staticmethod
     def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -613,30 +761,32 @@ class FullResolutionPairs(torch.utils.data.Dataset):
 @torch.no_grad()
 def evaluate_resolutions(model: torch.nn.Module, pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace,
                          device: torch.device, amp_dtype: torch.dtype | None, rank: int = 0,
-                         world_size: int = 1) -> dict[tuple[str, bool], dict[str, float]]:
+                         world_size: int = 1, task: BinaryTask | MulticlassTask = BinaryTask(),
+                         ) -> dict[tuple[str, bool], dict[str, Any]]:
     """Dice/IoU/accuracy at the training size and at each photo's original size, with and without TTA.
 
-    Probabilities are upsampled bilinearly to the original size before thresholding, as predict.py does.
-    Keys are (resolution, tta) with resolution "training" or "original".
+    Probabilities are upsampled bilinearly to the original size before thresholding (or, multi-class,
+    taking the likeliest class), as predict.py does. Keys are (resolution, tta) with resolution
+    "training" or "original".
     """
-    from predict import predict_probabilities, upsample_to
+    from predict import predict_probabilities, to_labels, upsample_to
     model.eval()
-    data = FullResolutionPairs(pairs, args.height, args.width)
+    data = FullResolutionPairs(pairs, args.height, args.width, args.classes, args.in_channels)
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers,
                         sampler=SeededSampler(len(data), args.seed, False, rank, world_size),
                         collate_fn=FullResolutionPairs.collate)
     modes = (False, True) if args.tta else (False,)
-    metrics = {(res, tta): utils.SegmentationMetrics(device) for res in ("training", "original") for tta in modes}
+    metrics = {(res, tta): task.metrics(device) for res in ("training", "original") for tta in modes}
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for images, masks, originals in tqdm(loader, desc="evaluate", leave=False, disable=rank != 0):
         images = images.to(device, memory_format=memory_format)
         for tta in modes:
             with utils.autocast(device, amp_dtype):
                 probs = predict_probabilities(model, images, tta)
-            metrics[("training", tta)].update(probs.cpu() > 0.5, masks > 0.5)
+            metrics[("training", tta)].update(to_labels(probs.cpu()), task.truth(masks))
             for prob, original in zip(probs, originals):
-                full = upsample_to(prob[None], tuple(original.shape))[0].cpu() > 0.5
-                metrics[("original", tta)].update(full, original[None] > 0)
+                full = to_labels(upsample_to(prob[None], tuple(original.shape))).cpu()
+                metrics[("original", tta)].update(full, task.truth(original[None]))
     results = {}
     for key, m in metrics.items():
         all_reduce_sum(m.sums)
@@ -655,19 +805,24 @@ def original_size_label(pairs: Sequence[tuple[Path, Path]]) -> str:
 
 
 def run_evaluation(model: torch.nn.Module, pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace,
-                   device: torch.device, amp_dtype: torch.dtype | None, rank: int, world_size: int) -> int:
+                   device: torch.device, amp_dtype: torch.dtype | None, rank: int, world_size: int,
+                   task: BinaryTask | MulticlassTask = BinaryTask()) -> int:
     """--evaluate: print validation metrics at the training and the original resolution."""
-    results = evaluate_resolutions(model, pairs, args, device, amp_dtype, rank, world_size)
+    results = evaluate_resolutions(model, pairs, args, device, amp_dtype, rank, world_size, task)
     if rank == 0:
         original = original_size_label(pairs)
-        print(f"validation on {next(iter(results.values()))['images']} images of {len(set(ds.car_id(i) for i, _ in pairs))} "
-              f"cars held out from training ({args.resume})")
-        print(f"{'resolution':<22}{'TTA':<5}{'mean Dice':>10}{'Dice':>9}{'mean IoU':>10}{'IoU':>9}{'accuracy':>10}")
+        print(f"validation on {ds.describe_pairs(pairs)} held out from training ({args.resume})")
+        print(f"{'resolution':<22}{'TTA':<5}" + "".join(f"{title:>{width}}" for title, _, width in task.table))
         for (resolution, tta), m in results.items():
             label = f"{args.height}x{args.width} (training)" if resolution == "training" else original
-            print(f"{label:<22}{'yes' if tta else 'no':<5}{m['mean_dice']:>10.4f}{m['dice']:>9.4f}"
-                  f"{m['mean_iou']:>10.4f}{m['iou']:>9.4f}{m['acc']:>10.4f}")
-        print("mean Dice = mean of per-image Dice (Kaggle's metric); Dice = over all pixels of the set")
+            print(f"{label:<22}{'yes' if tta else 'no':<5}"
+                  + "".join(f"{m[key]:>{width}.4f}" for _, key, width in task.table))
+        print(task.table_note)
+        if task.classes > 1:
+            for (resolution, tta), m in results.items():
+                label = f"{args.height}x{args.width}" if resolution == "training" else original
+                print(f"IoU per class 0..{task.classes - 1} at {label}{', TTA' if tta else ''}: "
+                      + " ".join(f"{v:.4f}" for v in m["class_iou"]))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints, segmentation metrics, prediction images, training curves and Kaggle's RLE."""
+"""Checkpoints, segmentation metrics (binary and multi-class), prediction images, training curves and Kaggle's RLE."""
 from __future__ import annotations
 
 import argparse
@@ -176,7 +176,8 @@ class SegmentationMetrics:
                                   torch.tensor(float(pred[0].numel() * pred.shape[0]), dtype=torch.float64,
                                                device=pred.device),
                                   dice.sum(), iou.sum(),
-                                  torch.tensor(float(pred.shape[0]), dtype=torch.float64, device=pred.device)])
+                                  torch.tensor(float(pred.shape[0]), dtype=torch.float64, device=pred.device)
+                                  ]).to(self.sums.device)  # --evaluate scores CPU masks into sums on the GPU
 
     def compute(self) -> dict[str, float]:
         """dice, iou, acc (global over the set) and mean_dice, mean_iou (per image, averaged)."""
@@ -194,9 +195,110 @@ class SegmentationMetrics:
         }
 
 
+class MulticlassMetrics:
+    """Per-class and mean IoU, Dice and pixel accuracy from one confusion matrix over a whole set of label maps.
+
+    Pixels whose target is ignore_index count nowhere. "dice" and "iou" are the means over the
+    foreground classes 1..N-1, "dice_all" and "iou_all" the means including background (class 0);
+    "class_dice" and "class_iou" list every class. A class absent from both the predictions and the
+    targets of the whole set has no score (nan) and is left out of the means. Never averages per-batch
+    values; "mean_dice" and "mean_iou" equal "dice" and "iou" (there is no per-image mean here).
+    """
+
+    def __init__(self, classes: int, ignore_index: int = 255, device: str | torch.device = "cpu"):
+        self.classes, self.ignore_index = classes, ignore_index
+        # The confusion matrix (target x prediction, flattened), then the image count: one float64
+        # tensor, so ranks can all_reduce it at once as they do SegmentationMetrics.sums.
+        self.sums = torch.zeros(classes * classes + 1, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of predicted and target class indices, both of shape (N, H, W)."""
+        images = target.shape[0]
+        pred, target = pred.long().flatten(), target.long().flatten()
+        valid = (target != self.ignore_index) & (target >= 0) & (target < self.classes)
+        counts = torch.bincount(target[valid] * self.classes + pred[valid], minlength=self.classes ** 2)
+        self.sums[:-1] += counts.to(self.sums)
+        self.sums[-1] += images
+
+    def confusion(self) -> torch.Tensor:
+        """The (classes, classes) confusion matrix: row = target class, column = predicted class."""
+        return self.sums[:-1].view(self.classes, self.classes).cpu()
+
+    def compute(self) -> dict[str, Any]:
+        """Means over foreground classes (dice, iou), including background (dice_all, iou_all), per class, acc."""
+        cm = self.confusion()
+        hits, targets, predicted = cm.diag(), cm.sum(1), cm.sum(0)
+        present = (targets + predicted) > 0
+        nan = torch.full_like(hits, float("nan"))
+        iou = torch.where(present, hits / (targets + predicted - hits).clamp_min(1), nan)
+        dice = torch.where(present, 2 * hits / (targets + predicted).clamp_min(1), nan)
+
+        def mean(scores: torch.Tensor) -> float:
+            scores = scores[~scores.isnan()]
+            return scores.mean().item() if len(scores) else 1.0  # nothing to find and nothing found: perfect
+
+        pixels = cm.sum().item()
+        return {
+            "dice": mean(dice[1:]), "iou": mean(iou[1:]),
+            "dice_all": mean(dice), "iou_all": mean(iou),
+            "class_dice": dice.tolist(), "class_iou": iou.tolist(),
+            "acc": hits.sum().item() / pixels if pixels else 0.0,
+            "mean_dice": mean(dice[1:]), "mean_iou": mean(iou[1:]),
+            "images": int(self.sums[-1].item()),
+        }
+
+
 # ---------------------------------------------------------------------------------------------
 # Prediction images, metrics table and curves
 # ---------------------------------------------------------------------------------------------
+
+# Class colours: background black, then Sasha Trubetskoy's 20 distinct colours; more classes get hues
+# spread by the golden ratio. Indices with no class (e.g. the ignore index 255) are white.
+CLASS_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                 (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+                 (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+                 (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128))
+
+
+def class_colours(classes: int) -> list[tuple[int, int, int]]:
+    """A distinct RGB colour per class index 0..classes-1, class 0 (background) black."""
+    import colorsys
+    colours = list(CLASS_COLOURS[:classes])
+    for k in range(len(colours), classes):
+        r, g, b = colorsys.hsv_to_rgb((k * 0.618034) % 1, 0.75, 0.95)
+        colours.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colours
+
+
+def class_palette(classes: int) -> list[int]:
+    """A 256-entry PIL palette (flat RGB list): class colours, then white for indices that are no class."""
+    colours = class_colours(classes)[:256]
+    return [v for colour in colours + [(255, 255, 255)] * (256 - len(colours)) for v in colour]
+
+
+def save_class_png(labels: np.ndarray | torch.Tensor, path: str | Path, classes: int) -> None:
+    """A class-index map as a palette PNG: the pixel values are the class indices, the palette colours them."""
+    from PIL import Image
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    image = Image.fromarray(np.asarray(labels).squeeze().astype(np.uint8))
+    image.putpalette(class_palette(classes))  # turns the 'L' image into 'P' with the same indices
+    image.save(path)
+
+
+def colorize(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """uint8 (3, H, W) picture of an (H, W) class-index map in the class colours."""
+    lut = torch.tensor(class_palette(classes), dtype=torch.uint8).view(256, 3)
+    return lut[labels.long().clamp(0, 255)].permute(2, 0, 1)
+
+
+def overlay_classes(image: torch.Tensor, labels: torch.Tensor, classes: int, alpha: float = 0.45) -> torch.Tensor:
+    """uint8 (3, H, W) image with each foreground class of an (H, W) label map tinted in its colour."""
+    from torchvision.utils import draw_segmentation_masks
+    masks = torch.stack([labels == k for k in range(1, classes)])  # background stays untinted
+    return draw_segmentation_masks(image, masks, alpha=alpha, colors=class_colours(classes)[1:])
+
 
 def save_mask_png(mask: np.ndarray | torch.Tensor, path: str | Path) -> None:
     """A binary mask as a single-channel PNG: 0 background, 255 foreground."""
@@ -213,17 +315,26 @@ def overlay(image: torch.Tensor, mask: torch.Tensor, color: str = "#ff2d55", alp
 
 
 def save_prediction_images(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
-                           names: Sequence[str], out_dir: str | Path) -> None:
-    """For each image write NAME_pred.png (the mask) and NAME_panel.png: image | truth | prediction | overlay."""
+                           names: Sequence[str], out_dir: str | Path, classes: int = 1) -> None:
+    """For each image write NAME_pred.png (the mask) and NAME_panel.png: image | truth | prediction | overlay.
+
+    Binary (classes=1): boolean (N, 1, H, W) targets and predictions, NAME_pred.png 0/255. Otherwise
+    (N, H, W) class indices, NAME_pred.png a palette PNG of them, the panels in class colours.
+    """
     from torchvision.utils import make_grid, save_image
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for image, target, pred, name in zip(images.cpu(), targets.cpu(), preds.cpu(), names):
-        image_u8 = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-        pred_mask = pred.squeeze(0).bool()
-        save_mask_png(pred_mask, out_dir / f"{name}_pred.png")
-        as_rgb = lambda m: m.squeeze(0).bool().expand(3, -1, -1).to(torch.uint8) * 255
-        panel = [image_u8, as_rgb(target), as_rgb(pred), overlay(image_u8, pred_mask)]
+        image_u8 = (image.clamp(0, 1) * 255).round().to(torch.uint8).expand(3, -1, -1).clone()  # grey -> RGB
+        if classes == 1:
+            pred_mask = pred.squeeze(0).bool()
+            save_mask_png(pred_mask, out_dir / f"{name}_pred.png")
+            as_rgb = lambda m: m.squeeze(0).bool().expand(3, -1, -1).to(torch.uint8) * 255
+            shown = [as_rgb(target), as_rgb(pred), overlay(image_u8, pred_mask)]
+        else:
+            save_class_png(pred, out_dir / f"{name}_pred.png", classes)
+            shown = [colorize(target, classes), colorize(pred, classes), overlay_classes(image_u8, pred, classes)]
+        panel = [image_u8, *shown]
         grid = make_grid(torch.stack(panel).float() / 255, nrow=4, padding=4, pad_value=1.0)
         save_image(grid, out_dir / f"{name}_panel.png")
 

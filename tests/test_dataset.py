@@ -42,11 +42,11 @@ def test_hidden_files_are_ignored(synthetic_dir, tmp_path):
 @pytest.mark.parametrize("val_cars", [1, 2, 0.25, 0.5, 0.01, 10])
 def test_no_car_straddles_the_split(synthetic_dir, val_cars):
     pairs = ds.find_pairs(synthetic_dir)
-    train, val = ds.split_by_car(pairs, val_cars, seed=3)
+    train, val = ds.split_by_group(pairs, val_cars, seed=3)
     assert train and val and not set(train) & set(val)
     assert sorted(train + val) == sorted({ds.car_id(i) for i, _ in pairs})
-    train_images = {i for i, _ in ds.pairs_of_cars(pairs, train)}
-    val_images = {i for i, _ in ds.pairs_of_cars(pairs, val)}
+    train_images = {i for i, _ in ds.pairs_of_groups(pairs, train)}
+    val_images = {i for i, _ in ds.pairs_of_groups(pairs, val)}
     assert len(train_images) + len(val_images) == len(pairs)
     assert {ds.car_id(i) for i in train_images}.isdisjoint({ds.car_id(i) for i in val_images})
     assert all(len([i for i in val_images if ds.car_id(i) == c]) == 16 for c in val)
@@ -54,8 +54,8 @@ def test_no_car_straddles_the_split(synthetic_dir, val_cars):
 
 def test_split_is_deterministic_from_the_seed(synthetic_dir):
     pairs = ds.find_pairs(synthetic_dir)
-    assert ds.split_by_car(pairs, 1, seed=0) == ds.split_by_car(pairs, 1, seed=0)
-    splits = {tuple(ds.split_by_car(pairs, 1, seed=s)[1]) for s in range(10)}
+    assert ds.split_by_group(pairs, 1, seed=0) == ds.split_by_group(pairs, 1, seed=0)
+    splits = {tuple(ds.split_by_group(pairs, 1, seed=s)[1]) for s in range(10)}
     assert len(splits) > 1  # the seed matters
 
 

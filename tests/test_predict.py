@@ -123,7 +123,7 @@ def test_threshold_extremes_give_full_and_empty_masks(tmp_path: Path, images: Pa
 def test_masks_are_thresholded_after_upsampling(monkeypatch: pytest.MonkeyPatch, images: Path,
                                                 checkpoint: Path) -> None:
     monkeypatch.setattr(utils, "autocast_dtype", lambda device, amp="auto": None)  # float32, to compare exactly
-    model, size = predict.load_binary_model(checkpoint, torch.device("cpu"))
+    model, size = predict.load_segmentation_model(checkpoint, torch.device("cpu"))
     paths = predict.find_images([images])
     results = list(predict.predict_paths(model, paths, size, batch_size=2, tta=True))
     assert [path for path, _ in results] == paths
@@ -228,10 +228,11 @@ def test_folder_without_images(tmp_path: Path, checkpoint: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize("problem", [
-    "missing", "truncated", "no training size", "multi-class", "text",
+    "missing", "truncated", "no training size", "multi-class submission", "text",
 ])
 def test_bad_checkpoint(tmp_path: Path, images: Path, capsys: pytest.CaptureFixture, problem: str) -> None:
     path = tmp_path / "best.pt"
+    extra = []
     if problem == "truncated":
         save_tiny_checkpoint(tiny_unet(), path)
         path.write_bytes(path.read_bytes()[:1000])
@@ -239,9 +240,11 @@ def test_bad_checkpoint(tmp_path: Path, images: Path, capsys: pytest.CaptureFixt
         path.write_bytes(b"this is not a checkpoint")
     elif problem == "no training size":
         save_tiny_checkpoint(tiny_unet(), path, config={})
-    elif problem == "multi-class":
+    elif problem == "multi-class submission":  # Kaggle's RLE is binary
         save_tiny_checkpoint(tiny_unet(out_channels=3), path)
-    assert run_main("--checkpoint", path, "--input", images, "--output", tmp_path / "out", "--device", "cpu") == 2
+        extra = ["--submission", tmp_path / "submission.csv"]
+    assert run_main("--checkpoint", path, "--input", images, "--output", tmp_path / "out", "--device", "cpu",
+                    *extra) == 2
     assert_user_error(capsys, path)
 
 
