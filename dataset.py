@@ -18,20 +18,27 @@ Command line:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
 import re
+import shlex
+import shutil
 import sys
 import tempfile
+import time
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -978,7 +985,6 @@ class _SyntheticCar:
         With parts=True the mask labels each car pixel with the part most of it shows (_BODY, _WINDOW,
         _WHEEL) instead of 1; its non-zero pixels are exactly the binary mask's.
         """
-        from PIL import ImageDraw
 
         angle = -np.pi / 2 + 2 * np.pi * (view - 1) / SYNTHETIC_VIEWS  # view 1 shows the front, as in Carvana
         cos_a, sin_a = np.cos(angle), np.sin(angle)
@@ -1045,7 +1051,6 @@ class _SyntheticCar:
 
     def _backdrop_with_shadow(self, footprint: np.ndarray) -> np.ndarray:
         """The backdrop darkened by a soft shadow of the (k, 2) footprint polygon, float32 (H, W, 3)."""
-        from PIL import ImageDraw, ImageFilter
 
         factor = 4  # a blurred shadow needs no detail: draw and blur it at a quarter of the resolution
         small = Image.new("L", (-(-self.width // factor), -(-self.height // factor)))
@@ -1093,7 +1098,6 @@ def _is_complete_synthetic(out: Path, params: dict) -> bool:
 
     Raises FileExistsError for anything else, so that no other data is overwritten or mistaken for it.
     """
-    import json
 
     if not out.exists():
         return False
@@ -1139,13 +1143,7 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
     renamed into place at the end, with synthetic.json recording the arguments; when out_dir already
     holds the same dataset it is returned as is, anything else in out_dir is refused.
     """
-    import json
-    import os
-    import shutil
-    import tempfile
-    import time
 
-    from tqdm import tqdm
 
     from utils import save_class_png
 
@@ -1293,7 +1291,6 @@ def read_text(path: Path) -> str:
 
 def kaggle_config_file() -> Path:
     """Where the kaggle package looks for kaggle.json: KAGGLE_CONFIG_DIR, ~/.kaggle, or the XDG folder."""
-    import os
     if os.environ.get("KAGGLE_CONFIG_DIR"):
         return Path(os.environ["KAGGLE_CONFIG_DIR"]) / "kaggle.json"
     config_dir = Path.home() / ".kaggle"
@@ -1305,8 +1302,6 @@ def kaggle_config_file() -> Path:
 
 def legacy_key_source() -> str | None:
     """Where a username and key come from (kaggle.json merged with KAGGLE_* variables), or None."""
-    import json
-    import os
     config = kaggle_config_file()
     values = {}
     if config.is_file():
@@ -1323,7 +1318,6 @@ def legacy_key_source() -> str | None:
 
 def kaggle_credentials() -> str | None:
     """Where the kaggle package will find credentials (its own lookup order), or None when nowhere."""
-    import os
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
     home_kaggle = Path.home() / ".kaggle"
@@ -1339,8 +1333,6 @@ def kaggle_credentials() -> str | None:
 
 def kaggle_api() -> object:
     """An authenticated KaggleApi; DownloadError when no credentials are set up or Kaggle refuses them."""
-    import contextlib
-    import io
     source = kaggle_credentials()
     if source is None:
         raise DownloadError(f"no Kaggle API credentials found. {TOKEN_HELP}")
@@ -1400,8 +1392,6 @@ class LazyKaggleApi:
 
 def zip_problem(path: Path) -> str | None:
     """Why `path` is not a sound zip (bad format, bad CRC, empty), or None when it is."""
-    import zipfile
-    import zlib
     try:
         with zipfile.ZipFile(path) as archive:
             if not archive.namelist():
@@ -1415,8 +1405,6 @@ def zip_problem(path: Path) -> str | None:
 
 def unwrap_zip(path: Path) -> Path:
     """A zip whose only member is a zip (Kaggle wraps large files, e.g. X.zip.zip) -> that inner zip."""
-    import shutil
-    import zipfile
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -1445,7 +1433,6 @@ def delivered_file(staging: Path, zip_name: str) -> Path:
 
 def fetch_zip(api: object, out: Path, zip_name: str) -> Path:
     """Download one competition file into OUT/.zips and return the zip (unwrapped when Kaggle wrapped it)."""
-    import shutil
     # One staging folder per file, kept across runs so the kaggle package can resume a partial download.
     staging = out / ZIP_CACHE / f"{zip_name}.part"
     staging.mkdir(parents=True, exist_ok=True)
@@ -1499,7 +1486,6 @@ def is_extracted(target: Path, zip_name: str, force: bool = False) -> bool:
 
 def remove_stale_extractions(out: Path, folder: str) -> None:
     """Delete temporary folders a killed run left behind for `folder`."""
-    import shutil
     for stale in out.glob(f"{EXTRACT_PREFIX}{folder}-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -1519,7 +1505,6 @@ def extracted_root(tmp: Path) -> Path:
 
 def replace_folder(source: Path, target: Path) -> None:
     """Rename `source` to `target`, moving an existing `target` out of the way first."""
-    import shutil
     if target.exists():
         old = target.with_name(f"{EXTRACT_PREFIX}{target.name}-old")
         shutil.rmtree(old, ignore_errors=True)
@@ -1532,10 +1517,6 @@ def replace_folder(source: Path, target: Path) -> None:
 
 def extract_zip(zip_path: Path, target: Path, zip_name: str) -> None:
     """Extract into a temporary folder next to `target`, mark it complete, then rename it into place."""
-    import shutil
-    import tempfile
-    import zipfile
-    from tqdm import tqdm
     out = target.parent
     remove_stale_extractions(out, target.name)
     # Same filesystem as the target, so the final rename is atomic: a run interrupted at any point
@@ -1599,7 +1580,6 @@ def download_carvana(out: str | Path, hq: bool = False, with_test: bool = False,
     `api` stands in for kaggle's KaggleApi (anything with competition_download_file); None means
     check the credentials, then import kaggle and authenticate, and only if something must be fetched.
     """
-    import contextlib
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lazy_api = LazyKaggleApi(api)
@@ -1612,7 +1592,6 @@ def download_carvana(out: str | Path, hq: bool = False, with_test: bool = False,
 
 def download_main(args: argparse.Namespace, api: object | None = None) -> int:
     """Entry point of `python dataset.py download`; `api` replaces the Kaggle API in tests."""
-    import shlex
     try:
         download_carvana(args.out, hq=args.hq, with_test=args.with_test, api=api,
                          force=args.force, keep_zips=args.keep_zips)

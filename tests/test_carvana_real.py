@@ -20,7 +20,7 @@ pytestmark = needs_shared_carvana()
 def test_real_pairs_pass_the_check_and_split_by_car():
     report = ds.check_dataset(SHARED_CARVANA, cache=False, progress=False)
     assert report.ok and len(report.pairs) == 512
-    train, val = ds.split_by_car(report.pairs, 4, seed=0)
+    train, val = ds.split_by_group(report.pairs, 4, seed=0)
     assert len(val) == 4 and len(train) == 28 and not set(train) & set(val)
 
 
