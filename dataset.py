@@ -115,12 +115,29 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndar
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """A binary mask as uint8 {0, 1} (H, W); with size=(height, width), resized to it (area-weighted)."""
     with Image.open(path) as img:
-        mask = (np.asarray(img.convert("L")) > 0).astype(np.uint8)
-    if size is not None and mask.shape != tuple(size):
-        # Resize coverage 0..255 with antialiasing, then threshold at half coverage.
-        resized = Image.fromarray(mask * 255).resize((size[1], size[0]), Image.BILINEAR)
-        mask = (np.asarray(resized) >= 128).astype(np.uint8)
-    return mask
+        foreground = _foreground(img)
+    if size is not None and foreground.size != (size[1], size[0]):
+        # Resize coverage 0..255 with antialiasing, then threshold at half coverage. reducing_gap
+        # box-averages by an integer factor first: 4x cheaper at 1918x1280 -> 240x160.
+        coverage = foreground.convert("L").resize((size[1], size[0]), Image.BILINEAR, reducing_gap=2.0)
+        return (np.asarray(coverage) >= 128).astype(np.uint8)
+    return np.asarray(foreground).astype(np.uint8)
+
+
+def _foreground(img: Image.Image) -> Image.Image:
+    """A mode-"1" image of the non-black pixels.
+
+    A palette image (Kaggle's GIFs) is mapped through its palette with a 256-entry table instead of
+    converting every pixel to grey: half the cost of decoding a Carvana mask at 160x240.
+    """
+    if img.mode not in ("P", "L"):
+        img = img.convert("L")
+    levels: Sequence[int] = range(256)
+    if img.mode == "P":
+        swatch = Image.frombytes("P", (256, 1), bytes(range(256)))  # every palette index once
+        swatch.putpalette(img.getpalette() or [])
+        levels = swatch.convert("L").tobytes()  # the grey level convert("L") would give each index
+    return img.point([255 if level > 0 else 0 for level in levels], "1")
 
 
 def train_transforms(height: int, width: int):
@@ -160,9 +177,10 @@ class CarvanaDataset(Dataset):
         self.pairs = list(pairs)
         self.size = (height, width)
         self.transform = transform
-        # Decoded pairs at the training size, kept per worker process: after the first epoch a
-        # worker only augments (about 10x less work than decoding a full-size JPEG and GIF).
-        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+        # Decoded pairs at the training size, in memory shared by the DataLoader workers: after the
+        # first epoch no worker decodes again (about 10x less work than decoding a full-size JPEG
+        # and GIF), whichever worker an index lands on, and the memory is held once, not per worker.
+        self.cache = SharedPairCache(len(self.pairs), height, width) if cache else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -180,13 +198,37 @@ class CarvanaDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The un-augmented (image, mask) pair at the training size, from the cache when it is there."""
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
+        cached = self.cache.get(index) if self.cache is not None else None
+        if cached is not None:
+            return cached
         image_path, mask_path = self.pairs[index]
         pair = load_image(image_path, self.size), load_mask(mask_path, self.size)
         if self.cache is not None:
-            self.cache[index] = pair
+            self.cache.put(index, *pair)
         return pair
+
+
+class SharedPairCache:
+    """n (image, mask) pairs of one size in shared memory, allocated up front (4 bytes a pixel).
+
+    Workers forked or spawned by a DataLoader map the same memory, so what one decodes all see.
+    """
+
+    def __init__(self, n: int, height: int, width: int):
+        self.images = torch.empty((n, height, width, 3), dtype=torch.uint8).share_memory_()
+        self.masks = torch.empty((n, height, width), dtype=torch.uint8).share_memory_()
+        self.filled = torch.zeros(n, dtype=torch.bool).share_memory_()
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Copies of the stored pair (augmentations never write into the cache), or None."""
+        if not self.filled[index]:
+            return None
+        return self.images[index].numpy().copy(), self.masks[index].numpy().copy()
+
+    def put(self, index: int, image: np.ndarray, mask: np.ndarray) -> None:
+        self.images[index] = torch.from_numpy(image)
+        self.masks[index] = torch.from_numpy(mask)
+        self.filled[index] = True  # last: a reader never sees a half-written pair
 
 
 # ---------------------------------------------------------------------------------------------
