@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 import dataset as ds
 import train
+from carvana_files import write_tiny_carvana
 
 WORLD_SIZE = 2
 SEED = 0
@@ -28,29 +27,6 @@ SEED = 0
 TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--epochs", "1", "--workers", "0",
         "--batch-size", "7", "--val-cars", "1", "--num-predictions", "1", "--amp", "off", "--seed", str(SEED)]
 TIMEOUT_S = 120
-
-
-def write_tiny_carvana(root: Path, cars: int = 3, size: tuple[int, int] = (48, 32)) -> Path:
-    """Kaggle's layout with random photos and blob masks; the validation car keeps 15 of its 16 views."""
-    rng = np.random.default_rng(0)
-    (root / ds.IMAGE_DIR).mkdir(parents=True)
-    (root / ds.MASK_DIR).mkdir()
-    width, height = size
-    yy, xx = np.mgrid[:height, :width]
-    for car in range(cars):
-        for view in range(1, 17):
-            name = f"{car:012x}_{view:02d}"
-            cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
-            mask = (((xx - cx) / (0.3 * width)) ** 2 + ((yy - cy) / (0.3 * height)) ** 2 < 1).astype(np.uint8)
-            photo = rng.integers(0, 120, (height, width, 3), dtype=np.uint8) + mask[..., None] * 120
-            Image.fromarray(photo).save(root / ds.IMAGE_DIR / f"{name}.jpg", quality=95)
-            gif = Image.fromarray(mask, mode="P")
-            gif.putpalette([0, 0, 0, 255, 255, 255])
-            gif.save(root / ds.MASK_DIR / f"{name}{ds.MASK_SUFFIX}")
-    _, (val_car,) = ds.split_by_car(ds.find_pairs(root), 1, SEED)  # the car train.py will hold out
-    (root / ds.IMAGE_DIR / f"{val_car}_16.jpg").unlink()
-    (root / ds.MASK_DIR / f"{val_car}_16{ds.MASK_SUFFIX}").unlink()
-    return root
 
 
 def recorders(record_dir: Path, rank: int) -> dict[str, Callable]:
@@ -105,7 +81,7 @@ def free_port() -> int:
 def ddp_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data dir, run folder, record dir) of one distributed training epoch."""
     root = tmp_path_factory.mktemp("ddp")
-    data = write_tiny_carvana(root / "data")
+    data = write_tiny_carvana(root / "data", odd_val_car_seed=SEED)
     run_distributed(["--data-dir", str(data), "--out-dir", str(root / "run"), *TINY], root / "train-records")
     return data, root / "run", root / "train-records"
 
