@@ -187,6 +187,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics); no-op when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain UNet inside DDP and torch.compile wrappers."""
     model = getattr(model, "module", model)
@@ -364,6 +371,12 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
              desc: str = "validate") -> dict[str, float]:
     """Loss and Dice/IoU/accuracy over the whole loader at its resolution, reduced over processes."""
     model.eval()
+    if dist.is_available() and dist.is_initialized():
+        # Ranks may hold different numbers of validation batches, even none, but DDP's forward may
+        # broadcast buffers, a collective every rank must join: score with the plain module, after
+        # giving every rank rank 0's BatchNorm statistics (each rank updated its own in training).
+        broadcast_buffers(model)
+        model = unwrap(model)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     metrics = utils.SegmentationMetrics(device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)

@@ -24,6 +24,7 @@ from typing import Any
 import common
 from baseline import BASELINE_FLAGS
 import dataset as ds
+import train
 
 EPOCH_LINE = re.compile(r"epoch 1/1 .*?([\d.]+)s")
 
@@ -87,6 +88,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     opts = parse_args()
+    info = common.machine(train.select_device(opts.device))  # the load average as the runs start
     sides = ["project"] if opts.skip_baseline else ["baseline", "project"]
     with tempfile.TemporaryDirectory(prefix="bench-epoch-") as tmp:
         data = link_subset(Path(opts.data_dir), Path(tmp) / "data", opts.cars)
@@ -103,14 +105,14 @@ def main() -> None:
         speedup = f"{1 / ratio:.2f}x" if ratio else "–"
         rows.append([label, *(common.fmt(v) for v in values), *([speedup] if "baseline" in sides else [])])
     header = ["measurement", *sides, *(["speed-up: baseline / project (median of repeats)"] if "baseline" in sides else [])]
-    device = __import__("train").select_device(opts.device)
+    info["load_average_end"] = common.load_average()
     print(f"one epoch on {n_images} images ({opts.cars or 'all'} cars, {opts.val_cars} for validation) at "
           f"{opts.height}x{opts.width}, batch {opts.batch_size}, UNet {opts.features}; median of {opts.repeats}\n"
-          f"machine: {common.machine(device)}\n")
+          f"machine: {info}\n")
     print(common.markdown_table(header, rows))
     for side in sides:
         print(f"\n{side}: python {shown[side]}")
-    common.write_json({"machine": common.machine(device), "settings": vars(opts), "images": n_images,
+    common.write_json({"machine": info, "settings": vars(opts), "images": n_images,
                        "commands": shown, "runs": runs}, opts.json)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import common
-from baseline import plain_decode, plain_load_image, plain_load_mask
+from baseline import BASELINE_FLAGS, plain_decode, plain_load_image, plain_load_mask
 import dataset as ds
 import train
 
@@ -32,21 +32,18 @@ TARGET_CACHED_PER_CORE = 300.0  # img/s per core once the cache holds every pair
 def project_args(height: int, width: int, batch_size: int, workers: int | None,
                  features: Sequence[int] = (64, 128, 256, 512)) -> argparse.Namespace:
     """train.py's settings for this size, batch, width and workers, every other flag at its default."""
-    argv = ["--height", str(height), "--width", str(width), "--batch-size", str(batch_size),
-            "--features", *map(str, features)]
-    if workers is not None:
-        argv += ["--workers", str(workers)]
-    return train.parse_args(argv)
+    workers_argv = [] if workers is None else ["--workers", str(workers)]
+    return train.parse_args([*_shape_argv(height, width, batch_size, features), *workers_argv])
 
 
 def baseline_args(args: argparse.Namespace) -> argparse.Namespace:
     """The plain baseline: fp32, NCHW, loading in the main process, no cache (train.py's flags)."""
-    return train.parse_args([*_argv_of(args), *__import__("baseline").BASELINE_FLAGS])
+    return train.parse_args([*_shape_argv(args.height, args.width, args.batch_size, args.features), *BASELINE_FLAGS])
 
 
-def _argv_of(args: argparse.Namespace) -> list[str]:
-    return ["--height", str(args.height), "--width", str(args.width), "--batch-size", str(args.batch_size),
-            "--features", *map(str, args.features)]
+def _shape_argv(height: int, width: int, batch_size: int, features: Sequence[int]) -> list[str]:
+    return ["--height", str(height), "--width", str(width), "--batch-size", str(batch_size),
+            "--features", *map(str, features)]
 
 
 def children_cpu_seconds() -> float:
@@ -155,19 +152,15 @@ def loader_table(summary: dict[str, Any], workers: int) -> str:
     w = f"{workers} worker{'s' if workers != 1 else ''}" if workers else "main process"
     rows = [
         ["loader, disk: img/s (wall)", common.fmt(summary["baseline_img_s"]), common.fmt(summary["project_img_s"]),
-         _x(summary["project_img_s_ratio"])],
+         common.ratio_text(summary["project_img_s_ratio"])],
         ["loader, disk: img/s per core", common.fmt(summary["baseline_img_per_cpu_s"]),
-         common.fmt(summary["project_img_per_cpu_s"]), _x(summary["project_img_per_cpu_s_ratio"])],
+         common.fmt(summary["project_img_per_cpu_s"]), common.ratio_text(summary["project_img_per_cpu_s_ratio"])],
         ["loader, cached (epoch 2): img/s (wall)", "–", common.fmt(summary["project_cached_img_s"]),
-         _x(summary["project_cached_img_s_ratio"])],
+         common.ratio_text(summary["project_cached_img_s_ratio"])],
         ["loader, cached (epoch 2): img/s per core", "–", common.fmt(summary["project_cached_img_per_cpu_s"]),
-         _x(summary["project_cached_img_per_cpu_s_ratio"])],
+         common.ratio_text(summary["project_cached_img_per_cpu_s_ratio"])],
     ]
     return common.markdown_table(["measurement", "baseline (main process)", f"project ({w})", "ratio"], rows)
-
-
-def _x(ratio: float | None) -> str:
-    return "–" if ratio is None else f"{ratio:.2f}x"
 
 
 def profile_table(profile: dict[str, float]) -> str:

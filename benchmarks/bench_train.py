@@ -94,7 +94,7 @@ def flops_per_image(features: list[int], height: int, width: int) -> float:
     return float(counter.get_total_flops())
 
 
-def report(opts: argparse.Namespace, device: torch.device, steps: list[dict[str, Any]], flops: float,
+def report(opts: argparse.Namespace, info: dict[str, Any], steps: list[dict[str, Any]], flops: float,
            peak: float | None, peak_source: str, loader: dict[str, Any] | None) -> str:
     """The markdown table."""
     med = {v: {k: common.median([p[v][k] for p in steps]) for k in ("img_s", "peak_memory_mb")} for v in VARIANTS}
@@ -103,18 +103,18 @@ def report(opts: argparse.Namespace, device: torch.device, steps: list[dict[str,
     amp = {v: steps[0][v]["amp"] + (", channels_last" if steps[0][v]["channels_last"] else ", NCHW") for v in VARIANTS}
     rows = [
         ["training step: img/s", common.fmt(med["baseline"]["img_s"], 2), common.fmt(med["project"]["img_s"], 2),
-         bench_loader._x(ratio["img_s"])],
+         common.ratio_text(ratio["img_s"])],
         ["peak memory of training (MB)", common.fmt(med["baseline"]["peak_memory_mb"], 0),
-         common.fmt(med["project"]["peak_memory_mb"], 0), bench_loader._x(ratio["peak_memory_mb"])],
+         common.fmt(med["project"]["peak_memory_mb"], 0), common.ratio_text(ratio["peak_memory_mb"])],
         ["MFU (of the peak below)", _pct(mfu["baseline"]), _pct(mfu["project"]),
-         bench_loader._x(ratio["img_s"])],
+         common.ratio_text(ratio["img_s"])],
     ]
-    head = (f"UNet {opts.features} at {opts.height}x{opts.width}, batch {opts.batch_size}, on {device}; "
+    head = (f"UNet {opts.features} at {opts.height}x{opts.width}, batch {opts.batch_size}, on {info['device']}; "
             f"median of {opts.pairs} pairs ({opts.steps} timed steps after {opts.warmup} warm-up each).\n"
             f"baseline: {amp['baseline']}; project: {amp['project']}.\n"
             f"FLOPs per image (forward + backward): {flops / 1e9:,.1f} GFLOP; "
             f"peak assumed: {common.fmt(peak, 3)} TFLOP/s ({peak_source}).\n"
-            f"machine: {common.machine(device)}\n")
+            f"machine: {info}\n")
     table = common.markdown_table(["measurement", "baseline", "project", "ratio (median of pairs)"], rows)
     if loader is not None:
         table += "\n\n" + bench_loader.loader_table(loader["summary"], loader["workers"])
@@ -141,6 +141,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     opts = parse_args()
     device = train.select_device(opts.device)
+    info = common.machine(device)  # the load average as the runs start
     steps = []
     for _ in range(opts.pairs):  # alternate, so slow spells of a shared machine hit both sides alike
         steps.append({v: measure_in_fresh_process(opts, v) for v in VARIANTS})
@@ -153,8 +154,9 @@ def main() -> None:
         results = bench_loader.measure_loaders(pairs, args, device, opts.pairs)
         loader = {"workers": args.workers, "pairs": results, "summary": bench_loader.summarize(results),
                   "stage_cpu_ms": bench_loader.stage_profile(pairs[:32], opts.height, opts.width)}
-    print(report(opts, device, steps, flops, peak, peak_source, loader))
-    common.write_json({"machine": common.machine(device), "settings": vars(opts), "flops_per_image": flops,
+    info["load_average_end"] = common.load_average()
+    print(report(opts, info, steps, flops, peak, peak_source, loader))
+    common.write_json({"machine": info, "settings": vars(opts), "flops_per_image": flops,
                        "peak_tflops": peak, "peak_source": peak_source, "steps": steps, "loader": loader},
                       opts.json)
 

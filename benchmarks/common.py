@@ -44,10 +44,15 @@ def machine(device: torch.device) -> dict[str, Any]:
     cpu = cpu_info()
     info = {"cpu": cpu["model"], "cores": cpu["cores"], "cpu_mhz": cpu["mhz"], "torch": torch.__version__,
             "python": platform.python_version(), "device": str(device),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "load_average": load_average()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def load_average() -> tuple[float, ...] | None:
+    """1, 5 and 15 minute load averages: above the core count, others were using the CPU too."""
+    return tuple(round(v, 2) for v in os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
@@ -104,6 +109,10 @@ def median_ratio(pairs: Sequence[dict[str, Any]], key: str, baseline: str = "bas
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}x"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

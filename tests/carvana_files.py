@@ -9,13 +9,10 @@ from PIL import Image
 import dataset as ds
 
 
-def write_tiny_carvana(root: Path, cars: int = 3, size: tuple[int, int] = (48, 32),
-                       odd_val_car_seed: int | None = None) -> Path:
-    """Kaggle's layout with random photos and blob masks, 16 views a car.
-
-    With odd_val_car_seed, the car that `--val-cars 1 --seed SEED` holds out keeps only 15 views, so
-    the validation set has an odd number of images.
-    """
+def write_tiny_carvana(root: Path, cars: int = 3, size: tuple[int, int] = (48, 32), val_views: int = 16,
+                       seed: int = 0) -> Path:
+    """Kaggle's layout with random photos and blob masks, 16 views a car, except that the car which
+    `train.py --val-cars 1 --seed SEED` holds out keeps only its first val_views views."""
     rng = np.random.default_rng(0)
     (root / ds.IMAGE_DIR).mkdir(parents=True)
     (root / ds.MASK_DIR).mkdir()
@@ -31,8 +28,10 @@ def write_tiny_carvana(root: Path, cars: int = 3, size: tuple[int, int] = (48, 3
             gif = Image.fromarray(mask, mode="P")
             gif.putpalette([0, 0, 0, 255, 255, 255])
             gif.save(root / ds.MASK_DIR / f"{name}{ds.MASK_SUFFIX}")
-    if odd_val_car_seed is not None:
-        _, (val_car,) = ds.split_by_car(ds.find_pairs(root), 1, odd_val_car_seed)  # as train.py splits
-        (root / ds.IMAGE_DIR / f"{val_car}_16.jpg").unlink()
-        (root / ds.MASK_DIR / f"{val_car}_16{ds.MASK_SUFFIX}").unlink()
+    if val_views == 16:
+        return root
+    _, (val_car,) = ds.split_by_car(ds.find_pairs(root), 1, seed)  # as train.py splits
+    for view in range(val_views + 1, 17):
+        (root / ds.IMAGE_DIR / f"{val_car}_{view:02d}.jpg").unlink()
+        (root / ds.MASK_DIR / f"{val_car}_{view:02d}{ds.MASK_SUFFIX}").unlink()
     return root

@@ -81,7 +81,7 @@ def free_port() -> int:
 def ddp_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data dir, run folder, record dir) of one distributed training epoch."""
     root = tmp_path_factory.mktemp("ddp")
-    data = write_tiny_carvana(root / "data", odd_val_car_seed=SEED)
+    data = write_tiny_carvana(root / "data", val_views=15, seed=SEED)
     run_distributed(["--data-dir", str(data), "--out-dir", str(root / "run"), *TINY], root / "train-records")
     return data, root / "run", root / "train-records"
 
@@ -100,9 +100,9 @@ def test_parameters_are_identical_across_ranks_after_training(ddp_run):
     assert all(torch.equal(saved[name], rank0[name]) for name in rank0)  # what rank 0 saved
 
 
-def assert_same_metrics(distributed: dict[str, float], single: dict[str, float]) -> None:
+def assert_same_metrics(distributed: dict[str, float], single: dict[str, float], images: int = 15) -> None:
     """Every image scored once (15, not 16), and the reduced sums give the single-process numbers."""
-    assert distributed["images"] == single["images"] == 15
+    assert distributed["images"] == single["images"] == images
     for key in ("dice", "iou", "acc", "mean_dice", "mean_iou", "loss"):
         assert distributed[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
 
@@ -130,3 +130,11 @@ def test_distributed_evaluate_matches_single_process(ddp_run, tmp_path, monkeypa
                     records)
     single = evaluate_single_process(data, run, tmp_path / "single", monkeypatch)
     assert_same_metrics(load_json(records / "metrics-0.json"), single)
+
+
+def test_a_rank_without_validation_images_neither_hangs_nor_miscounts(tmp_path, monkeypatch):
+    data = write_tiny_carvana(tmp_path / "data", val_views=1, seed=SEED)  # rank 1 gets no validation image
+    records = tmp_path / "records"
+    run_distributed(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY], records)
+    single = evaluate_single_process(data, tmp_path / "run", tmp_path / "single", monkeypatch)
+    assert_same_metrics(load_json(records / "metrics-1.json"), single, images=1)
