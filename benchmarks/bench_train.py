@@ -61,13 +61,14 @@ def measure_steps(opts: argparse.Namespace, variant: str) -> dict[str, Any]:
         common.timed(step, device)
     seconds = [common.timed(step, device) for _ in range(opts.steps)]
     step_s = common.median(seconds)
+    gemm = common.gemm_tflops(device)  # right after the steps: the same spell of the machine's load
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(device) - allocated_before) / 2**20
     else:
         peak_mb = common.max_rss_mb() - rss_before  # the rise of this fresh process's high-water mark
     return {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "channels_last": args.channels_last, "step_s": step_s, "img_s": args.batch_size / step_s,
-            "peak_memory_mb": peak_mb, "step_seconds": seconds}
+            "peak_memory_mb": peak_mb, "gemm_tflops": gemm, "step_seconds": seconds}
 
 
 def _child(opts: argparse.Namespace, variant: str, queue: mp.Queue) -> None:
@@ -99,6 +100,9 @@ def report(opts: argparse.Namespace, info: dict[str, Any], steps: list[dict[str,
     """The markdown table."""
     med = {v: {k: common.median([p[v][k] for p in steps]) for k in ("img_s", "peak_memory_mb")} for v in VARIANTS}
     mfu = {v: (med[v]["img_s"] * flops / (peak * 1e12) if peak else None) for v in VARIANTS}
+    of_gemm = {v: common.median([p[v]["img_s"] * flops / (p[v]["gemm_tflops"] * 1e12) for p in steps])
+               for v in VARIANTS}
+    gemm = common.median([p[v]["gemm_tflops"] for p in steps for v in VARIANTS])
     ratio = {k: common.median_ratio(steps, k) for k in ("img_s", "peak_memory_mb")}
     amp = {v: steps[0][v]["amp"] + (", channels_last" if steps[0][v]["channels_last"] else ", NCHW") for v in VARIANTS}
     rows = [
@@ -108,12 +112,15 @@ def report(opts: argparse.Namespace, info: dict[str, Any], steps: list[dict[str,
          common.fmt(med["project"]["peak_memory_mb"], 0), common.ratio_text(ratio["peak_memory_mb"])],
         ["MFU (of the peak below)", _pct(mfu["baseline"]), _pct(mfu["project"]),
          common.ratio_text(ratio["img_s"])],
+        ["fraction of the bf16 GEMM rate measured beside it", _pct(of_gemm["baseline"]), _pct(of_gemm["project"]),
+         common.ratio_text(ratio["img_s"])],
     ]
     head = (f"UNet {opts.features} at {opts.height}x{opts.width}, batch {opts.batch_size}, on {info['device']}; "
             f"median of {opts.pairs} pairs ({opts.steps} timed steps after {opts.warmup} warm-up each).\n"
             f"baseline: {amp['baseline']}; project: {amp['project']}.\n"
             f"FLOPs per image (forward + backward): {flops / 1e9:,.1f} GFLOP; "
-            f"peak assumed: {common.fmt(peak, 3)} TFLOP/s ({peak_source}).\n"
+            f"peak assumed: {common.fmt(peak, 3)} TFLOP/s ({peak_source}); "
+            f"bf16 GEMM rate measured after each measurement (median): {gemm:.3f} TFLOP/s.\n"
             f"machine: {info}\n")
     table = common.markdown_table(["measurement", "baseline", "project", "ratio (median of pairs)"], rows)
     if loader is not None:

@@ -69,9 +69,23 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float | N
     for flag, per_cycle in CPU_BF16_FLOP_PER_CYCLE.items():
         if flag in cpu["flags"] and cpu["mhz"]:
             peak = cpu["cores"] * cpu["mhz"] * 1e6 * per_cycle / 1e12
-            return peak, (f"{cpu['cores']} cores x {cpu['mhz'] / 1000:.2f} GHz x {per_cycle} bf16 FLOP/cycle "
-                          f"({flag})")
+            return peak, (f"{cpu['cores']} cores x {cpu['mhz'] / 1000:.2f} GHz (the clock /proc/cpuinfo states, "
+                          f"nominal; boost may exceed it) x {per_cycle} bf16 FLOP/cycle ({flag})")
     return None, "no bf16 units found: pass --peak-tflops"
+
+
+def gemm_tflops(device: torch.device, n: int | None = None, repeats: int = 5) -> float:
+    """Measured bf16 matrix-multiply rate (TFLOP/s): what this device sustains on the easiest dense work.
+
+    A yardstick beside the assumed peak: a virtual CPU's clock in /proc/cpuinfo is its nominal one,
+    and the cores may boost past it.
+    """
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    timed(lambda: a @ b, device)  # warm-up
+    seconds = median([timed(lambda: a @ b, device) for _ in range(repeats)])
+    return 2 * n**3 / seconds / 1e12
 
 
 def synchronize(device: torch.device) -> None:
