@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--height", type=int, default=160, help="training height in pixels")
     data.add_argument("--width", type=int, default=240, help="training width in pixels")
     data.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
-                      help="keep decoded images at the training size in memory after the first epoch "
-                           "(about 115 KB per image at 160x240, per worker)")
+                      help="keep decoded images at the training size in memory shared by the workers, so "
+                           "only the first epoch decodes (4 bytes a pixel, allocated up front: about 150 KB "
+                           "per image at 160x240)")
     data.add_argument("--soft-masks", action=argparse.BooleanOptionalAction, default=True,
                       help="train on each small pixel's car coverage instead of 0/1, so that masks upsampled "
                            "to full resolution put the edge where it is (metrics always use 0/1 targets); "
@@ -172,6 +173,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics); no-op when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -290,13 +298,18 @@ def checked_pairs_or_exit(data_dir: Path, args: argparse.Namespace, rank: int) -
 # Loss, training and evaluation
 # ---------------------------------------------------------------------------------------------
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits plus soft Dice over the batch, in fp32 for stability under autocast."""
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+    """BCE-with-logits plus soft Dice over the batch, in fp32 for stability under autocast.
+
+    per_image=True gives one loss per image, shape (N,): sums of those do not depend on how the
+    images were batched or shared among processes (validation needs that).
+    """
     logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+    dims = tuple(range(1 if per_image else 0, logits.ndim))
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
     prob = torch.sigmoid(logits)
-    inter = (prob * target).sum()
-    soft_dice = (2 * inter + 1) / (prob.sum() + target.sum() + 1)
+    inter = (prob * target).sum(dims)
+    soft_dice = (2 * inter + 1) / (prob.sum(dims) + target.sum(dims) + 1)
     return bce + (1 - soft_dice)
 
 
@@ -327,8 +340,9 @@ class BinaryTask:
              ("IoU", "iou", 9), ("accuracy", "acc", 10))
     table_note = "mean Dice = mean of per-image Dice (Kaggle's metric); Dice = over all pixels of the set"
 
-    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return bce_dice_loss(logits, masks)  # looked up at each call, so tests can patch it
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+        """The batch's loss, or with per_image one loss per image (N,), whose sum ignores batching."""
+        return bce_dice_loss(logits, masks, per_image=per_image)  # looked up at each call: tests patch it
 
     def labels(self, logits: torch.Tensor) -> torch.Tensor:
         """Predicted masks (N, 1, H, W) from logits."""
@@ -359,7 +373,10 @@ class MulticlassTask:
     def __init__(self, classes: int, ignore_index: int):
         self.classes, self.ignore_index = classes, ignore_index
 
-    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+        """The batch's loss, or with per_image one loss per image (N,), whose sum ignores batching."""
+        if per_image:
+            return torch.stack([ce_dice_loss(l[None], m[None], self.ignore_index) for l, m in zip(logits, masks)])
         return ce_dice_loss(logits, masks, self.ignore_index)
 
     def labels(self, logits: torch.Tensor) -> torch.Tensor:
@@ -440,19 +457,10 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     for step, (images, masks) in enumerate(bar, start=first_step + 1):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
-        with utils.autocast(device, amp_dtype):
-            logits = model(images)
-        loss = task.loss(logits, masks)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)  # skipped by the fp16 grad scaler when gradients overflowed
-        scaler.update()
+        loss = train_step(model, images, masks, optimizer, scaler, device, amp_dtype, args.clip_grad, task.loss)
         scheduler.step()
-        finite = torch.isfinite(loss.detach())
-        loss_sum += torch.where(finite, loss.detach() * images.shape[0], 0.0)
+        finite = torch.isfinite(loss)
+        loss_sum += torch.where(finite, loss * images.shape[0], 0.0)
         count += torch.where(finite, images.shape[0], 0)
         first_bad_step = torch.where(~finite & (first_bad_step < 0), step, first_bad_step)
         last = step == first_step + len(loader)
@@ -464,6 +472,29 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
             raise StopRequested({"step": step, "loss_sum": loss_sum.item(), "count": count.item()})
     totals = all_reduce_sum(torch.stack([loss_sum, count]))
     return (totals[0] / totals[1].clamp_min(1)).item()
+
+
+def train_step(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+               amp_dtype: torch.dtype | None, clip_grad: float, loss_fn=None) -> torch.Tensor:
+    """One optimisation step on a batch already on the device; returns the detached loss (no sync)."""
+    with utils.autocast(device, amp_dtype):
+        logits = model(images)
+    loss = (loss_fn or bce_dice_loss)(logits, masks)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)  # skipped by the fp16 grad scaler when gradients overflowed
+    scaler.update()
+    return loss.detach()
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters; the fused kernel on CUDA (one launch for all tensors)."""
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                             fused=device.type == "cuda")
 
 
 def _check_finite(first_bad_step: int, epoch: int, scaler: torch.amp.GradScaler) -> None:
@@ -482,6 +513,12 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
              desc: str = "validate", task: BinaryTask | MulticlassTask = BinaryTask()) -> dict[str, Any]:
     """Loss and Dice/IoU/accuracy over the whole loader at its resolution, reduced over processes."""
     model.eval()
+    if dist.is_available() and dist.is_initialized():
+        # Ranks may hold different numbers of validation batches, even none, but DDP's forward may
+        # broadcast buffers, a collective every rank must join: score with the plain module, after
+        # giving every rank rank 0's BatchNorm statistics (each rank updated its own in training).
+        broadcast_buffers(model)
+        model = unwrap(model)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     metrics = task.metrics(device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -490,7 +527,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
         masks = masks.to(device, non_blocking=True)
         with utils.autocast(device, amp_dtype):
             logits = model(images)
-        loss_sum += task.loss(logits, masks).double() * images.shape[0]
+        loss_sum += task.loss(logits, masks, per_image=True).double().sum()
         metrics.update(task.labels(logits), task.truth(masks))
     all_reduce_sum(metrics.sums)
     all_reduce_sum(loss_sum)
@@ -641,9 +678,9 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     """Set up data, model and optimiser, then train epoch by epoch (or only evaluate)."""
     is_main = rank == 0
     device = select_device_or_exit(args.device, local_rank)
-    amp_dtype = utils.autocast_dtype(device, args.amp)
-    torch.manual_seed(args.seed)
     state = load_resume_state(args)
+    amp_dtype = utils.autocast_dtype(device, args.amp)  # after --resume has adopted the run's --amp and --seed
+    torch.manual_seed(args.seed)
     resolve_data_dir(args)
     out_dir = Path(args.out_dir or default_out_dir())
 
@@ -657,8 +694,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     val_loader = make_loader(val_pairs, args, False, rank, world_size, device)
 
     train_loader = make_loader(train_pairs, args, True, rank, world_size, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, args, device)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_loader), pct_start=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -771,6 +807,9 @@ def evaluate_resolutions(model: torch.nn.Module, pairs: Sequence[tuple[Path, Pat
     """
     from predict import predict_probabilities, to_labels, upsample_to
     model.eval()
+    if dist.is_available() and dist.is_initialized():
+        broadcast_buffers(model)  # as in evaluate(): ranks may hold different numbers of batches
+        model = unwrap(model)
     data = FullResolutionPairs(pairs, args.height, args.width, args.classes, args.in_channels)
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers,
                         sampler=SeededSampler(len(data), args.seed, False, rank, world_size),

@@ -85,8 +85,8 @@ def test_mask_loads_as_zero_one_from_kaggle_palette_gif(tmp_path):
     gif.save(tmp_path / "m_mask.gif")
     loaded = ds.load_mask(tmp_path / "m_mask.gif")
     assert loaded.dtype == np.uint8 and np.array_equal(loaded, mask)
-    soft = ds.mask_to_size(loaded, (10, 15), soft=True)
-    hard = ds.mask_to_size(loaded, (10, 15), soft=False)
+    soft = ds.load_mask_resized(tmp_path / "m_mask.gif", (10, 15), soft=True)
+    hard = ds.load_mask_resized(tmp_path / "m_mask.gif", (10, 15), soft=False)
     assert soft.shape == hard.shape == (10, 15)
     assert soft.sum() / 255 == pytest.approx(mask.sum() / 4, rel=0.05)  # coverage is preserved
     assert set(np.unique(hard)) == {0, 255} and len(np.unique(soft)) > 2

@@ -76,11 +76,11 @@ def test_signal_mid_epoch_saves_and_resume_is_exact(synthetic_dir, uninterrupted
     calls = []
     original = train.bce_dice_loss
 
-    def loss_then_signal(logits, target):
+    def loss_then_signal(logits, target, **kwargs):
         calls.append(1)
         if len(calls) == 10:  # step 2 of epoch 2 (8 calls per epoch: 6 training steps, 2 validation batches)
             train._request_stop(signal.SIGTERM, None)
-        return original(logits, target)
+        return original(logits, target, **kwargs)
 
     monkeypatch.setattr(train, "bce_dice_loss", loss_then_signal)
     code = train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "3", *TINY])
@@ -116,9 +116,9 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
     calls = []
     original = train.bce_dice_loss
 
-    def nan_in_epoch_2(logits, target):
+    def nan_in_epoch_2(logits, target, **kwargs):
         calls.append(1)
-        loss = original(logits, target)
+        loss = original(logits, target, **kwargs)
         return loss * float("nan") if len(calls) == 10 else loss
 
     monkeypatch.setattr(train, "bce_dice_loss", nan_in_epoch_2)

@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmarks: the repo on sys.path, the machine, peaks, timing and tables."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # benchmarks run as scripts: import train.py and dataset.py from the repo
+
+import torch  # noqa: E402
+
+DEFAULT_DATA_DIR = str(ROOT.parent / "shared" / "carvana")
+# Dense bf16 tensor-core peaks (no sparsity) of the GPUs the project is lent.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+# bf16 FLOP per cycle per core: one 512-bit VDPBF16PS a cycle is 16 lanes x 2 products x 2 (mul+add)
+# = 64 (Zen 4 runs it on two 256-bit pipes); AMX tiles on Intel Sapphire Rapids and later do 1024.
+CPU_BF16_FLOP_PER_CYCLE = {"amx_bf16": 1024, "avx512_bf16": 64}
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, cores this process may use, clock (MHz from /proc/cpuinfo) and flags."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"model": fields.get("model name", platform.processor() or "unknown"), "cores": cores,
+            "mhz": float(fields.get("cpu MHz", "0") or 0), "flags": fields.get("flags", "").split()}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on, including the load at the start (other users of the CPU)."""
+    cpu = cpu_info()
+    info = {"cpu": cpu["model"], "cores": cpu["cores"], "cpu_mhz": cpu["mhz"], "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device),
+            "load_average": load_average()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def load_average() -> tuple[float, ...] | None:
+    """1, 5 and 15 minute load averages: above the core count, others were using the CPU too."""
+    return tuple(round(v, 2) for v in os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    """(peak dense bf16 TFLOP/s, how it was found): the flag, the GPU's datasheet, or cores x clock x FLOP/cycle."""
+    if override:
+        return override, f"--peak-tflops {override}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return peak, f"{key} dense bf16 datasheet peak"
+        return None, f"unknown GPU {name!r}: pass --peak-tflops"
+    cpu = cpu_info()
+    for flag, per_cycle in CPU_BF16_FLOP_PER_CYCLE.items():
+        if flag in cpu["flags"] and cpu["mhz"]:
+            peak = cpu["cores"] * cpu["mhz"] * 1e6 * per_cycle / 1e12
+            return peak, (f"{cpu['cores']} cores x {cpu['mhz'] / 1000:.2f} GHz (the clock /proc/cpuinfo states, "
+                          f"nominal; boost may exceed it) x {per_cycle} bf16 FLOP/cycle ({flag})")
+    return None, "no bf16 units found: pass --peak-tflops"
+
+
+def gemm_tflops(device: torch.device, n: int | None = None, repeats: int = 5) -> float:
+    """Measured bf16 matrix-multiply rate (TFLOP/s): what this device sustains on the easiest dense work.
+
+    A yardstick beside the assumed peak: a virtual CPU's clock in /proc/cpuinfo is its nominal one,
+    and the cores may boost past it.
+    """
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    timed(lambda: a @ b, device)  # warm-up
+    seconds = median([timed(lambda: a @ b, device) for _ in range(repeats)])
+    return 2 * n**3 / seconds / 1e12
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of fn takes, device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def max_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def median_ratio(pairs: Sequence[dict[str, Any]], key: str, baseline: str = "baseline",
+                 project: str = "project") -> float | None:
+    """Median over pairs of project/baseline for one measurement: the pairs ran back to back, so the
+    machine's load drifts less within a pair than between separate runs."""
+    return median([p[project][key] / p[baseline][key] for p in pairs
+                   if p[baseline].get(key) and p[project].get(key) is not None])
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}x"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(obj: Any, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")

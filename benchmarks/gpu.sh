@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one command (H100 or H200): training step, memory and MFU at 160x240 and at
+# full Carvana size, the loader, and one timed train.py epoch over 5088 synthetic Carvana-size images.
+#
+#   ../shared/device/wheels.sh          # here, once: albumentations and its needs into .whl/
+#   bash benchmarks/gpu.sh              # there, with .whl carried; results in $OUT (else ./gpu-results)
+#
+# Knobs (environment): SYNTH (/tmp/synth), CARS (318), SIZE (1918x1280), WORKERS (cores - 2),
+# PAIRS (3), STEPS (20), FULL_BATCH (4: fp32 at 1280x1918 needs about 10 GB an image), FEATURES
+# (64 128 256 512), DEVICE (cuda). A CPU smoke run of the Python parts, on an existing dataset:
+#   DEVICE=cpu SYNTH=DIR FEATURES="4 8" PAIRS=1 STEPS=2 FULL_BATCH=1 OUT=/tmp/gpu-smoke bash benchmarks/gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu-results}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then  # the GPU image has no albumentations
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+SYNTH=${SYNTH:-/tmp/synth}
+CARS=${CARS:-318}
+SIZE=${SIZE:-1918x1280}
+WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
+PAIRS=${PAIRS:-3}
+STEPS=${STEPS:-20}
+FULL_BATCH=${FULL_BATCH:-4}
+DEVICE=${DEVICE:-cuda}
+read -r -a FEATURES <<< "${FEATURES:-64 128 256 512}"
+
+{ nvidia-smi || true; python3 -c 'import sys, torch; print(sys.version); print("torch", torch.__version__)'; } \
+  > "$OUT/machine.txt" 2>&1
+if [ ! -d "$SYNTH/train" ]; then
+  echo "generating $CARS synthetic cars at $SIZE in $SYNTH"
+  /usr/bin/time -p python3 dataset.py synthetic --out "$SYNTH" --cars "$CARS" --size "$SIZE" 2>&1 | tee "$OUT/synthetic.log"
+fi
+
+echo "== training step, memory, MFU and loader at 160x240"
+python3 benchmarks/bench_train.py --device "$DEVICE" --features "${FEATURES[@]}" --data-dir "$SYNTH" --height 160 --width 240 --batch-size 8 \
+  --workers "$WORKERS" --images 512 --pairs "$PAIRS" --steps "$STEPS" --warmup 5 \
+  --json "$OUT/train-160x240.json" | tee "$OUT/train-160x240.md"
+
+echo "== training step, memory and MFU at 1280x1918 (padded inside the UNet)"
+python3 benchmarks/bench_train.py --device "$DEVICE" --features "${FEATURES[@]}" --height 1280 --width 1918 --batch-size "$FULL_BATCH" \
+  --images 0 --pairs "$PAIRS" --steps "$(( STEPS / 2 ))" --warmup 3 \
+  --json "$OUT/train-1280x1918.json" | tee "$OUT/train-1280x1918.md"
+
+echo "== one train.py epoch over all $(( CARS * 16 )) images at 160x240 (target < 10 s)"
+python3 benchmarks/bench_epoch.py --device "$DEVICE" --features "${FEATURES[@]}" --data-dir "$SYNTH" --cars 0 --workers "$WORKERS" \
+  --skip-baseline --repeats 1 --json "$OUT/epoch-160x240.json" | tee "$OUT/epoch-160x240.md"

@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end with tiny settings (their numbers are not checked here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from carvana_files import write_tiny_carvana
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "4"]
+
+
+def run_script(*argv: str) -> str:
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_tiny_carvana(tmp_path_factory.mktemp("bench") / "data", cars=2)
+
+
+def test_bench_train_reports_steps_memory_mfu_and_loader(tiny_data, tmp_path):
+    out = run_script("benchmarks/bench_train.py", "--data-dir", str(tiny_data), *TINY, "--steps", "1",
+                     "--warmup", "1", "--pairs", "1", "--images", "8", "--workers", "1",
+                     "--peak-tflops", "1", "--json", str(tmp_path / "b.json"))
+    assert "training step: img/s" in out and "loader, cached (epoch 2)" in out
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["flops_per_image"] > 0 and report["peak_tflops"] == 1
+    assert {"baseline", "project"} <= report["steps"][0].keys()
+    assert report["steps"][0]["baseline"]["amp"] == "fp32"
+
+
+def test_bench_epoch_times_baseline_and_project(tiny_data, tmp_path):
+    out = run_script("benchmarks/bench_epoch.py", "--data-dir", str(tiny_data), "--cars", "2", *TINY,
+                     "--repeats", "1", "--workers", "0", "--json", str(tmp_path / "e.json"))
+    runs = json.loads((tmp_path / "e.json").read_text())["runs"]
+    assert runs[0]["baseline"]["wall_s"] > 0 and runs[0]["project"]["epoch_s"] is not None
+    assert "benchmarks/baseline.py" in out and "--no-channels-last" in out
+
+
+def test_gpu_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
