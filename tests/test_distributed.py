@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import dataset as ds
 import train
 from carvana_files import write_tiny_carvana
 
