@@ -235,12 +235,28 @@ def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, tr
                                         mask_fill=args.ignore_index if args.classes > 1 else 0)
     else:
         transform = ds.val_transforms(args.height, args.width)
-    data = ds.CarvanaDataset(pairs, args.height, args.width, transform, cache=args.cache, soft_masks=args.soft_masks,
+    cache = args.cache and cache_fits(len(pairs), args, announce=rank == 0)
+    data = ds.CarvanaDataset(pairs, args.height, args.width, transform, cache=cache, soft_masks=args.soft_masks,
                              classes=args.classes, in_channels=args.in_channels)
     sampler = SeededSampler(len(data), args.seed, shuffle=train, rank=rank, world_size=world_size)
     return DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                       pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                       drop_last=False)
+
+
+def cache_fits(images: int, args: argparse.Namespace, announce: bool = True) -> bool:
+    """Whether --cache's shared memory (allocated up front) takes at most a quarter of this machine's RAM.
+
+    At full resolution the whole of Carvana would need about 50 GB: then decode every epoch instead.
+    """
+    need = images * args.height * args.width * (args.in_channels + 1)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need <= total // 4:
+        return True
+    if announce:
+        print(f"note: --cache would hold {need / 2**30:.1f} GiB of decoded images, over a quarter of this "
+              f"machine's {total / 2**30:.0f} GiB; decoding every epoch instead", file=sys.stderr)
+    return False
 
 
 def print_findings(lines: Sequence[str], kind: str, data_dir: Path, limit: int = 10) -> None:

@@ -89,3 +89,10 @@ def test_bad_data_is_refused_and_skip_bad_trains_on_the_rest(synthetic_dir, tmp_
     assert "training on 63 good pairs, leaving out 1" in err
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["train"]) + len(split["val"]) == 4
+
+
+def test_cache_is_skipped_when_it_would_not_fit_in_memory(capsys):
+    args = train.parse_args(["--height", "160", "--width", "240"])
+    assert train.cache_fits(100, args)
+    assert not train.cache_fits(10**9, args)  # 10^9 images at 160x240: far beyond any machine
+    assert "decoding every epoch instead" in capsys.readouterr().err
