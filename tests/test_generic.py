@@ -54,6 +54,15 @@ def write_blobs(root: Path, n: int, prefix: str = "img", grey: bool = False, see
     return root
 
 
+def predict_folder(run: Path, data: Path, out: Path) -> list[tuple[str, np.ndarray]]:
+    """predict.py --overlay over data/images with run/best.pt: (mode, pixels) of each mask; checks the overlays."""
+    assert predict.main(["--checkpoint", str(run / "best.pt"), "--input", str(data / "images"), "--output", str(out),
+                         "--overlay", "--workers", "0", "--device", "cpu"]) == 0
+    images = sorted((data / "images").iterdir())
+    assert all((out / f"{image.stem}_overlay.jpg").is_file() for image in images)
+    return [read(out / f"{image.stem}_mask.png") for image in images]
+
+
 def read(path: Path) -> tuple[str, np.ndarray]:
     with Image.open(path) as img:
         return img.mode, np.asarray(img)
@@ -72,13 +81,8 @@ def test_generic_binary_folder_trains_and_predicts(tmp_path: Path) -> None:
     assert len(split["val"]) == 2 and sorted(split["train"] + split["val"]) == sorted(f"img{i}" for i in range(10))
     assert utils.load_checkpoint(run / "best.pt")["model_config"]["out_channels"] == 1
 
-    out = tmp_path / "masks"
-    assert predict.main(["--checkpoint", str(run / "best.pt"), "--input", str(data / "images"), "--output", str(out),
-                         "--overlay", "--workers", "0", "--device", "cpu"]) == 0
-    for image in (data / "images").iterdir():
-        mode, mask = read(out / f"{image.stem}_mask.png")
+    for mode, mask in predict_folder(run, data, tmp_path / "masks"):
         assert mode == "L" and mask.shape == (SIZE[1], SIZE[0]) and set(np.unique(mask)) <= {0, 255}
-        assert (out / f"{image.stem}_overlay.jpg").is_file()
 
 
 def test_layout_is_detected_and_a_folder_in_neither_says_what_was_expected(tmp_path: Path, synthetic_dir: Path,
@@ -245,9 +249,5 @@ def test_grayscale_images_train_and_predict(tmp_path: Path) -> None:
     assert train.main(["--data-dir", str(data), "--out-dir", str(run), "--in-channels", "1", *TINY]) == 0
     assert utils.load_checkpoint(run / "best.pt")["model_config"]["in_channels"] == 1
 
-    out = tmp_path / "masks"
-    assert predict.main(["--checkpoint", str(run / "best.pt"), "--input", str(data / "images"), "--output", str(out),
-                         "--overlay", "--workers", "0", "--device", "cpu"]) == 0
-    for path in (data / "images").iterdir():
-        mode, mask = read(out / f"{path.stem}_mask.png")
+    for mode, mask in predict_folder(run, data, tmp_path / "masks"):
         assert mode == "L" and mask.shape == (SIZE[1], SIZE[0])
