@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -1177,8 +1178,42 @@ def _is_complete_synthetic(out: Path, params: dict) -> bool:
     return True
 
 
+def _car_ids(streams: Sequence[np.random.SeedSequence]) -> list[tuple[str, int]]:
+    """Each car's id, drawn first from its own stream (redrawn on a clash), and how many draws that took."""
+    ids: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for stream in streams:
+        rng = np.random.default_rng(stream)
+        draws = 1
+        car = f"{int(rng.integers(1 << 48)):012x}"
+        while car in seen:
+            car, draws = f"{int(rng.integers(1 << 48)):012x}", draws + 1
+        seen.add(car)
+        ids.append((car, draws))
+    return ids
+
+
+def _write_synthetic_car(job: tuple) -> str:
+    """Render one car's 16 views into folder `tmp` (a worker's job, so it takes one tuple)."""
+    from utils import save_class_png
+    stream, car, draws, tmp, layout, width, height, supersample, classes = job
+    rng = np.random.default_rng(stream)
+    rng.integers(1 << 48, size=draws)  # the id draws, so the scene gets the same stream as before
+    scene = _SyntheticCar(rng, width, height)
+    for view in range(1, SYNTHETIC_VIEWS + 1):
+        photo, mask = scene.render(view, supersample, parts=classes is not None)
+        image_path = tmp / layout.image_dir / f"{car}_{view:02d}.jpg"
+        Image.fromarray(photo).save(image_path, quality=90)
+        if classes is None:
+            _save_mask(mask, mask_path_for(image_path, tmp))
+        else:
+            labels = np.asarray(_PART_CLASS[classes], dtype=np.uint8)[mask]
+            save_class_png(labels, tmp / layout.mask_dir / f"{image_path.stem}.png", classes)
+    return car
+
+
 def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int] = (480, 320),
-                       seed: int = 0, classes: int | None = None) -> Path:
+                       seed: int = 0, classes: int | None = None, workers: int = 1) -> Path:
     """Write a synthetic dataset in Kaggle's layout; size is (width, height). Returns out_dir.
 
     Each car gets 16 views as it turns on a studio backdrop, as JPEGs with exact palette-GIF masks.
@@ -1187,11 +1222,8 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
     The same arguments give byte-identical files. The files are written into a temporary sibling folder
     renamed into place at the end, with synthetic.json recording the arguments; when out_dir already
     holds the same dataset it is returned as is, anything else in out_dir is refused.
+    workers > 1 renders cars in that many processes (the files are the same).
     """
-
-
-    from utils import save_class_png
-
     out = Path(out_dir)
     width, height = size
     params = _synthetic_params(cars, width, height, seed, classes)
@@ -1209,24 +1241,20 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
         (tmp / layout.image_dir).mkdir()
         (tmp / layout.mask_dir).mkdir()
         supersample = 4 if width * height <= 1_000_000 else 2  # 2x keeps Kaggle's size to ~2 s a car
-        car_ids: set[str] = set()
         # One independent stream per car: the first cars don't depend on how many are generated.
-        for stream in tqdm(np.random.SeedSequence(seed).spawn(cars), desc="synthetic cars", unit="car"):
-            rng = np.random.default_rng(stream)
-            car = f"{int(rng.integers(1 << 48)):012x}"
-            while car in car_ids:
-                car = f"{int(rng.integers(1 << 48)):012x}"
-            car_ids.add(car)
-            scene = _SyntheticCar(rng, width, height)
-            for view in range(1, SYNTHETIC_VIEWS + 1):
-                photo, mask = scene.render(view, supersample, parts=classes is not None)
-                image_path = tmp / layout.image_dir / f"{car}_{view:02d}.jpg"
-                Image.fromarray(photo).save(image_path, quality=90)
-                if classes is None:
-                    _save_mask(mask, mask_path_for(image_path, tmp))
-                else:
-                    labels = np.asarray(_PART_CLASS[classes], dtype=np.uint8)[mask]
-                    save_class_png(labels, tmp / layout.mask_dir / f"{image_path.stem}.png", classes)
+        streams = np.random.SeedSequence(seed).spawn(cars)
+        jobs = [(stream, car, draws, tmp, layout, width, height, supersample, classes)
+                for stream, (car, draws) in zip(streams, _car_ids(streams))]
+        progress = tqdm(total=cars, desc="synthetic cars", unit="car")
+        if workers > 1 and cars > 1:
+            with multiprocessing.get_context("spawn").Pool(min(workers, cars)) as pool:
+                for _ in pool.imap_unordered(_write_synthetic_car, jobs):
+                    progress.update()
+        else:
+            for job in jobs:
+                _write_synthetic_car(job)
+                progress.update()
+        progress.close()
         (tmp / SYNTHETIC_MANIFEST).write_text(json.dumps(params, indent=2) + "\n")
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty folder (made by hand, say) is replaced
@@ -1252,6 +1280,8 @@ def add_synthetic_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cars", type=int, default=24, help="number of cars, 16 views each (default: %(default)s)")
     parser.add_argument("--size", default="480x320", help="image size WxH (default: %(default)s; Kaggle's is 1918x1280)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes rendering cars; the files do not depend on it (default: this machine's cores, %(default)s)")
     parser.add_argument("--classes", type=int, default=None, choices=sorted(SYNTHETIC_CLASSES),
                         help="write a multi-class dataset in the generic layout (images/, masks/ of class indices): "
                              + "; ".join(f"{n}: {', '.join(names)}" for n, names in SYNTHETIC_CLASSES.items()))
@@ -1267,7 +1297,8 @@ def synthetic_main(args: argparse.Namespace) -> int:
         return 2
     try:
         out = args.out or ("data/synthetic" if args.classes is None else f"data/synthetic-{args.classes}class")
-        generate_synthetic(out, cars=args.cars, size=(width, height), seed=args.seed, classes=args.classes)
+        generate_synthetic(out, cars=args.cars, size=(width, height), seed=args.seed, classes=args.classes,
+                           workers=args.workers)
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
