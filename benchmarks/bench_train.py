@@ -7,7 +7,7 @@ Both sides train the same UNet on the same fixed batch held in memory (pure comp
 train.train_step and train.make_optimizer:
   baseline: fp32, NCHW, no autocast;
   project:  train.py's defaults for the device (bf16 autocast where utils.autocast_dtype picks it,
-            channels_last).
+            channels_last), and with --compile, torch.compile as train.py --compile does.
 Each measurement runs in a fresh process (so the CPU's peak-RSS high-water mark belongs to it
 alone), baseline and project alternately, --pairs times; the table gives medians and the median of
 the per-pair ratios. Loader rows come from bench_loader.py (skip them with --images 0).
@@ -52,6 +52,8 @@ def measure_steps(opts: argparse.Namespace, variant: str) -> dict[str, Any]:
         allocated_before = torch.cuda.memory_allocated(device)
     model = UNet(features=args.features).to(device, memory_format=memory_format)
     optimizer = train.make_optimizer(model, args, device)
+    if opts.compile and variant == "project":
+        model = torch.compile(model)  # as train.py --compile; the warm-up steps pay for compiling
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model.train()
 
@@ -106,6 +108,7 @@ def report(opts: argparse.Namespace, info: dict[str, Any], steps: list[dict[str,
     gemm = common.median([p[v]["gemm_tflops"] for p in steps for v in VARIANTS])
     ratio = {k: common.median_ratio(steps, k) for k in ("img_s", "peak_memory_mb")}
     amp = {v: steps[0][v]["amp"] + (", channels_last" if steps[0][v]["channels_last"] else ", NCHW") for v in VARIANTS}
+    amp["project"] += ", torch.compile" if opts.compile else ""
     rows = [
         ["training step: img/s", common.fmt(med["baseline"]["img_s"], 2), common.fmt(med["project"]["img_s"], 2),
          common.ratio_text(ratio["img_s"])],
@@ -140,6 +143,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--features", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--steps", type=int, default=5, help="timed training steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (oneDNN/cuDNN algorithm choice)")
+    p.add_argument("--compile", action="store_true", help="the project side runs torch.compile'd (train.py --compile)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, overriding the assumed one")
     opts = p.parse_args()
     opts.workers = bench_loader.project_args(opts.height, opts.width, opts.batch_size, opts.workers).workers
