@@ -292,3 +292,17 @@ def test_read_only_dataset_caches_under_home(data, monkeypatch, tmp_path):
         assert ds.check_dataset(data, progress=False).ok
     finally:
         data.chmod(0o755)
+
+
+def test_checking_in_processes_gives_the_same_verdicts(tmp_path):
+    # 80 files: enough for the check to fork workers (it does so from 64 files to inspect).
+    data = make_dataset(tmp_path / "many", cars=20, views=2)
+    write_mask(mask_of(data, 5), extra=7, palette=GREY_PALETTE)
+    photo(data, 30).write_bytes(photo(data, 30).read_bytes()[:200])  # truncated
+    images, masks = ds.list_images(data), set(ds.list_masks(data))
+    rule = ds.mask_rule(1, 255)
+    alone = ds.inspect_files(data, images, masks, cache=False, progress=False, rule=rule, workers=1)
+    forked = ds.inspect_files(data, images, masks, cache=False, progress=False, rule=rule, workers=2)
+    assert forked == alone and list(forked) == list(alone)
+    bad = {path for path, verdict in forked.items() if verdict.problem}
+    assert bad == {mask_of(data, 5), photo(data, 30)}
