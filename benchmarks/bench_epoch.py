@@ -8,7 +8,9 @@ training, validation, checkpoint and plots included) on the same symlinked subse
   baseline: python benchmarks/baseline.py --epochs 1 ... --amp off --no-channels-last --workers 0 --no-cache
             (baseline.py is train.py with the decode swapped for a full-size PIL decode + resize,
              the one baseline setting train.py has no flag for)
-Runs alternate, baseline first; the table gives medians and the median of the per-repeat ratios.
+Runs alternate, baseline first; the table gives medians and the median of the per-repeat ratios,
+and each run's validation Dice after its epoch: same seed, data and sample order on both sides, so
+it shows whether the project's mixed precision and reduced-size decode cost accuracy.
 """
 from __future__ import annotations
 
@@ -55,6 +57,15 @@ def run_epoch(command: list[str], log: Path) -> dict[str, Any]:
     return {"wall_s": wall, "epoch_s": float(match.group(1)) if match else None}
 
 
+def validation_dice(run_dir: Path) -> float | None:
+    """The validation Dice the run wrote to its metrics.csv after its (last) epoch."""
+    rows = (run_dir / "metrics.csv").read_text().splitlines() if (run_dir / "metrics.csv").is_file() else []
+    if len(rows) < 2:
+        return None
+    header, last = rows[0].split(","), rows[-1].split(",")
+    return float(last[header.index("val_dice")])
+
+
 def commands(opts: argparse.Namespace, data: Path, out: Path, repeat: int) -> dict[str, list[str]]:
     """The two command lines of one repeat; each writes its own run folder."""
     common_flags = ["--data-dir", str(data), "--epochs", "1", "--val-cars", str(opts.val_cars),
@@ -98,6 +109,8 @@ def main() -> None:
         for repeat in range(opts.repeats):
             lines = commands(opts, data, Path(tmp), repeat)
             runs.append({side: run_epoch(lines[side], Path(tmp) / f"{side}-{repeat}.log") for side in sides})
+            for side in sides:  # same seed, data and order on both sides: precision must not cost accuracy
+                runs[-1][side]["val_dice"] = validation_dice(Path(tmp) / f"{side}-{repeat}")
         shown = {side: " ".join(lines[side][1:]) for side in sides}
     rows = []
     for key, label in (("wall_s", "whole run, wall clock (s)"), ("epoch_s", "epoch as train.py reports it (s)")):
@@ -105,6 +118,10 @@ def main() -> None:
         ratio = common.median_ratio(runs, key) if "baseline" in sides else None
         speedup = f"{1 / ratio:.2f}x" if ratio else "–"
         rows.append([label, *(common.fmt(v) for v in values), *([speedup] if "baseline" in sides else [])])
+    dice = [[r[side]["val_dice"] for r in runs] for side in sides]
+    rows.append(["validation Dice after the epoch (per repeat)",
+                 *(" / ".join("–" if d is None else f"{d:.4f}" for d in values) for values in dice),
+                 *(["–"] if "baseline" in sides else [])])
     header = ["measurement", *sides, *(["speed-up: baseline / project (median of repeats)"] if "baseline" in sides else [])]
     info["load_average_end"] = common.load_average()
     print(f"one epoch on {n_images} images ({opts.cars or 'all'} cars, {opts.val_cars} for validation) at "

@@ -41,6 +41,8 @@ def test_bench_epoch_times_baseline_and_project(tiny_data, tmp_path):
                      "--repeats", "1", "--workers", "0", "--json", str(tmp_path / "e.json"))
     runs = json.loads((tmp_path / "e.json").read_text())["runs"]
     assert runs[0]["baseline"]["wall_s"] > 0 and runs[0]["project"]["epoch_s"] is not None
+    assert all(0 <= runs[0][side]["val_dice"] <= 1 for side in ("baseline", "project"))
+    assert "validation Dice after the epoch" in out
     assert "benchmarks/baseline.py" in out and "--no-channels-last" in out
 
 
