@@ -430,7 +430,8 @@ def _inspect_job(job: tuple[Path, int, bool, list[int] | None]) -> Verdict:
 
 
 def _map_in_processes(function, jobs: list, workers: int | None = None, chunk: int = 32):
-    """function over jobs, in order: in forked processes when there are enough jobs and cores, else here."""
+    """function over jobs, in order: in forked processes when there are enough jobs (chunk per process
+    at least) and cores (workers; default: all of them), else in this process."""
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(workers, len(jobs) // chunk)
@@ -1274,16 +1275,9 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
         streams = np.random.SeedSequence(seed).spawn(cars)
         jobs = [(stream, car, draws, tmp, layout, width, height, supersample, classes)
                 for stream, (car, draws) in zip(streams, _car_ids(streams))]
-        progress = tqdm(total=cars, desc="synthetic cars", unit="car")
-        if workers > 1 and cars > 1:
-            with multiprocessing.get_context("spawn").Pool(min(workers, cars)) as pool:
-                for _ in pool.imap_unordered(_write_synthetic_car, jobs):
-                    progress.update()
-        else:
-            for job in jobs:
-                _write_synthetic_car(job)
-                progress.update()
-        progress.close()
+        for _ in tqdm(_map_in_processes(_write_synthetic_car, jobs, workers, chunk=1), total=cars,
+                      desc="synthetic cars", unit="car"):
+            pass
         (tmp / SYNTHETIC_MANIFEST).write_text(json.dumps(params, indent=2) + "\n")
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty folder (made by hand, say) is replaced
