@@ -18,6 +18,7 @@ Command line:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -394,8 +395,9 @@ def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], cache: b
                   rule: list[int] | None = None, workers: int | None = None) -> dict[Path, Verdict]:
     """The verdict of every image and mask, from the cache when its name, size, mtime (and mask rule) are unchanged.
 
-    Files not in the cache are inspected in `workers` processes (default: one per core): decoding the
-    5088 masks of Carvana takes about 30 s on one core, the wait before a first training run.
+    Files not in the cache are inspected in `workers` threads (default: one per core; PIL decodes
+    without the GIL): decoding the 5088 masks of Carvana takes about 30 s on one core, the wait
+    before a first training run.
     """
     cache_path = check_cache_path(data_dir) if cache else None
     cached = load_check_cache(cache_path) if cache_path else {}
@@ -411,8 +413,8 @@ def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], cache: b
         else:
             todo.append((key, path, stat, path in masks))
     jobs = [(path, stat.st_size, is_mask, rule) for _, path, stat, is_mask in todo]
-    found = tqdm(_map_in_processes(_inspect_job, jobs, workers), total=len(jobs), desc="checking", unit="file",
-                 disable=not progress, leave=False)
+    found = tqdm(_parallel_map(_inspect_job, jobs, workers, chunk=16, threads=True), total=len(jobs),
+                 desc="checking", unit="file", disable=not progress, leave=False)
     for (key, _, stat, is_mask), verdict in zip(todo, found):
         entries[key] = cache_entry(stat, verdict, rule if is_mask else None)
     verdicts = {}
@@ -429,18 +431,24 @@ def _inspect_job(job: tuple[Path, int, bool, list[int] | None]) -> Verdict:
     return inspect_file(path, nbytes, decode=decode, rule=rule)
 
 
-def _map_in_processes(function, jobs: list, workers: int | None = None, chunk: int = 32):
-    """function over jobs, in order: in forked processes when there are enough jobs (chunk per process
-    at least) and cores (workers; default: all of them), else in this process."""
+def _parallel_map(function, jobs: list, workers: int | None = None, chunk: int = 32, threads: bool = False):
+    """function over jobs, in order, in `workers` threads or spawned processes (default: one per core)
+    when there are at least `chunk` jobs for each, else in this process.
+
+    Threads suit work that releases the GIL (PIL's decoders do); processes are spawned, never forked,
+    because a fork can copy a lock that another thread (torch's, tqdm's) holds and hang forever.
+    """
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(workers, len(jobs) // chunk)
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers < 2:
         yield from map(function, jobs)
-        return
-    # fork: the children need nothing but PIL and the paths, and start in milliseconds.
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(function, jobs, chunksize=chunk)
+    elif threads:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            yield from pool.map(function, jobs)
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            yield from pool.imap(function, jobs, chunksize=chunk)
 
 
 def cache_entry(stat: os.stat_result, verdict: Verdict, rule: list[int] | None = None) -> dict:
@@ -1275,7 +1283,7 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
         streams = np.random.SeedSequence(seed).spawn(cars)
         jobs = [(stream, car, draws, tmp, layout, width, height, supersample, classes)
                 for stream, (car, draws) in zip(streams, _car_ids(streams))]
-        for _ in tqdm(_map_in_processes(_write_synthetic_car, jobs, workers, chunk=1), total=cars,
+        for _ in tqdm(_parallel_map(_write_synthetic_car, jobs, workers, chunk=1), total=cars,
                       desc="synthetic cars", unit="car"):
             pass
         (tmp / SYNTHETIC_MANIFEST).write_text(json.dumps(params, indent=2) + "\n")

@@ -294,8 +294,8 @@ def test_read_only_dataset_caches_under_home(data, monkeypatch, tmp_path):
         data.chmod(0o755)
 
 
-def test_checking_in_processes_gives_the_same_verdicts(tmp_path):
-    # 80 files: enough for the check to fork workers (it does so from 64 files to inspect).
+def test_checking_in_threads_gives_the_same_verdicts(tmp_path):
+    # 80 files: enough for the check to use 2 threads (it does so from 32 files to inspect).
     data = make_dataset(tmp_path / "many", cars=20, views=2)
     write_mask(mask_of(data, 5), extra=7, palette=GREY_PALETTE)
     photo(data, 30).write_bytes(photo(data, 30).read_bytes()[:200])  # truncated
