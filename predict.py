@@ -84,14 +84,10 @@ def save_outputs(path: Path, mask: np.ndarray, output: Path, overlay: bool = Fal
 
     mask is a boolean mask (classes=1, saved 0/255) or a map of class indices (saved as a palette PNG).
     """
-    if classes == 1:
-        utils.save_mask_png(mask, output / f"{path.stem}_mask.png")
-    else:
-        utils.save_class_png(mask, output / f"{path.stem}_mask.png", classes)
+    utils.save_labels_png(mask, output / f"{path.stem}_mask.png", classes)
     if overlay:
         photo = torch.tensor(load_image(path)).permute(2, 0, 1)  # full resolution (3, H, W), a writable copy
-        mask_t = torch.from_numpy(mask)
-        tinted = utils.overlay(photo, mask_t) if classes == 1 else utils.overlay_classes(photo, mask_t, classes)
+        tinted = utils.overlay_labels(photo, torch.from_numpy(mask), classes)
         Image.fromarray(tinted.permute(1, 2, 0).numpy()).save(output / f"{path.stem}_overlay.jpg", quality=90)
 
 

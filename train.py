@@ -175,11 +175,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Give every process rank 0's buffers (BatchNorm running statistics); no-op when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        for buffer in unwrap(model).buffers():
-            dist.broadcast(buffer, src=0)
+def scoring_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model to validate with; when distributed, the plain module holding rank 0's buffers.
+
+    Ranks may hold different numbers of validation batches, even none, but DDP's forward may
+    broadcast buffers, a collective every rank must join: score with the plain module, after giving
+    every rank rank 0's BatchNorm statistics (each rank updated its own in training).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    for buffer in unwrap(model).buffers():
+        dist.broadcast(buffer, src=0)
+    return unwrap(model)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -529,12 +536,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
              desc: str = "validate", task: BinaryTask | MulticlassTask = BinaryTask()) -> dict[str, Any]:
     """Loss and Dice/IoU/accuracy over the whole loader at its resolution, reduced over processes."""
     model.eval()
-    if dist.is_available() and dist.is_initialized():
-        # Ranks may hold different numbers of validation batches, even none, but DDP's forward may
-        # broadcast buffers, a collective every rank must join: score with the plain module, after
-        # giving every rank rank 0's BatchNorm statistics (each rank updated its own in training).
-        broadcast_buffers(model)
-        model = unwrap(model)
+    model = scoring_model(model)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     metrics = task.metrics(device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -823,9 +825,7 @@ def evaluate_resolutions(model: torch.nn.Module, pairs: Sequence[tuple[Path, Pat
     """
     from predict import predict_probabilities, to_labels, upsample_to
     model.eval()
-    if dist.is_available() and dist.is_initialized():
-        broadcast_buffers(model)  # as in evaluate(): ranks may hold different numbers of batches
-        model = unwrap(model)
+    model = scoring_model(model)
     data = FullResolutionPairs(pairs, args.height, args.width, args.classes, args.in_channels)
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers,
                         sampler=SeededSampler(len(data), args.seed, False, rank, world_size),

@@ -314,6 +314,19 @@ def overlay(image: torch.Tensor, mask: torch.Tensor, color: str = "#ff2d55", alp
     return draw_segmentation_masks(image, mask.bool(), alpha=alpha, colors=color)
 
 
+def save_labels_png(labels: np.ndarray | torch.Tensor, path: str | Path, classes: int = 1) -> None:
+    """A predicted mask as a PNG: 0/255 for a binary one (classes=1), else a palette PNG of the class indices."""
+    if classes == 1:
+        save_mask_png(labels, path)
+    else:
+        save_class_png(labels, path, classes)
+
+
+def overlay_labels(image: torch.Tensor, labels: torch.Tensor, classes: int = 1) -> torch.Tensor:
+    """uint8 (3, H, W) image with a boolean (H, W) mask (classes=1), or each foreground class of a label map, tinted."""
+    return overlay(image, labels) if classes == 1 else overlay_classes(image, labels, classes)
+
+
 def save_prediction_images(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
                            names: Sequence[str], out_dir: str | Path, classes: int = 1) -> None:
     """For each image write NAME_pred.png (the mask) and NAME_panel.png: image | truth | prediction | overlay.
@@ -326,15 +339,14 @@ def save_prediction_images(images: torch.Tensor, targets: torch.Tensor, preds: t
     out_dir.mkdir(parents=True, exist_ok=True)
     for image, target, pred, name in zip(images.cpu(), targets.cpu(), preds.cpu(), names):
         image_u8 = (image.clamp(0, 1) * 255).round().to(torch.uint8).expand(3, -1, -1).clone()  # grey -> RGB
+        labels = pred.squeeze(0).bool() if classes == 1 else pred
+        save_labels_png(labels, out_dir / f"{name}_pred.png", classes)
         if classes == 1:
-            pred_mask = pred.squeeze(0).bool()
-            save_mask_png(pred_mask, out_dir / f"{name}_pred.png")
             as_rgb = lambda m: m.squeeze(0).bool().expand(3, -1, -1).to(torch.uint8) * 255
-            shown = [as_rgb(target), as_rgb(pred), overlay(image_u8, pred_mask)]
+            truth_rgb, pred_rgb = as_rgb(target), as_rgb(pred)
         else:
-            save_class_png(pred, out_dir / f"{name}_pred.png", classes)
-            shown = [colorize(target, classes), colorize(pred, classes), overlay_classes(image_u8, pred, classes)]
-        panel = [image_u8, *shown]
+            truth_rgb, pred_rgb = colorize(target, classes), colorize(pred, classes)
+        panel = [image_u8, truth_rgb, pred_rgb, overlay_labels(image_u8, labels, classes)]
         grid = make_grid(torch.stack(panel).float() / 255, nrow=4, padding=4, pad_value=1.0)
         save_image(grid, out_dir / f"{name}_panel.png")
 
