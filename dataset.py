@@ -401,26 +401,24 @@ def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], cache: b
     """
     cache_path = check_cache_path(data_dir) if cache else None
     cached = load_check_cache(cache_path) if cache_path else {}
+    paths = images + sorted(masks)
+    keys = [path.relative_to(data_dir).as_posix() for path in paths]
     entries, todo = {}, []
-    for path in images + sorted(masks):
-        key = path.relative_to(data_dir).as_posix()
+    for path, key in zip(paths, keys):
         stat = path.stat()
         entry = cached.get(key)
-        mask_rule_of = rule if path in masks else None  # masks are decoded (against the rule), photos only opened
+        is_mask = path in masks  # masks are decoded (against the rule), photos only opened
         if entry and entry["bytes"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns \
-                and entry.get("rule") == mask_rule_of:
+                and entry.get("rule") == (rule if is_mask else None):
             entries[key] = entry
         else:
-            todo.append((key, path, stat, path in masks))
+            todo.append((key, path, stat, is_mask))
     jobs = [(path, stat.st_size, is_mask, rule) for _, path, stat, is_mask in todo]
     found = tqdm(_parallel_map(_inspect_job, jobs, workers, chunk=16, threads=True), total=len(jobs),
                  desc="checking", unit="file", disable=not progress, leave=False)
     for (key, _, stat, is_mask), verdict in zip(todo, found):
         entries[key] = cache_entry(stat, verdict, rule if is_mask else None)
-    verdicts = {}
-    for path in images + sorted(masks):
-        entry = entries[path.relative_to(data_dir).as_posix()]
-        verdicts[path] = Verdict(tuple(entry["size"]) if entry["size"] else None, entry["mode"], entry["problem"])
+    verdicts = {path: verdict_of(entries[key]) for path, key in zip(paths, keys)}
     if cache_path and entries != cached:
         save_check_cache(cache_path, entries)
     return verdicts
@@ -449,6 +447,11 @@ def _parallel_map(function, jobs: list, workers: int | None = None, chunk: int =
     else:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             yield from pool.imap(function, jobs, chunksize=chunk)
+
+
+def verdict_of(entry: dict) -> Verdict:
+    """The verdict a cache entry holds (cache_entry's inverse)."""
+    return Verdict(tuple(entry["size"]) if entry["size"] else None, entry["mode"], entry["problem"])
 
 
 def cache_entry(stat: os.stat_result, verdict: Verdict, rule: list[int] | None = None) -> dict:
