@@ -59,11 +59,8 @@ def run_epoch(command: list[str], log: Path) -> dict[str, Any]:
 
 def validation_dice(run_dir: Path) -> float | None:
     """The validation Dice the run wrote to its metrics.csv after its (last) epoch."""
-    rows = (run_dir / "metrics.csv").read_text().splitlines() if (run_dir / "metrics.csv").is_file() else []
-    if len(rows) < 2:
-        return None
-    header, last = rows[0].split(","), rows[-1].split(",")
-    return float(last[header.index("val_dice")])
+    rows = utils.read_metrics_csv(run_dir / "metrics.csv")
+    return rows[-1]["val_dice"] if rows else None
 
 
 def commands(opts: argparse.Namespace, data: Path, out: Path, repeat: int) -> dict[str, list[str]]:
