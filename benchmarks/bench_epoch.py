@@ -9,13 +9,20 @@ training, validation, checkpoint and plots included) on the same symlinked subse
             (baseline.py is train.py with the decode swapped for a full-size PIL decode + resize,
              the one baseline setting train.py has no flag for)
 Runs alternate, baseline first; the table gives medians and the median of the per-repeat ratios,
-and each run's validation Dice after its epoch: same seed, data and sample order on both sides, so
-it shows whether the project's mixed precision and reduced-size decode cost accuracy.
+the start-up (from launch to train.py's first line, after the data check and set-up), and each
+run's validation Dice: same seed, data and sample order on both sides, so it shows whether the
+project's mixed precision and reduced-size decode cost accuracy. One pair is a coin flip (bf16 and
+fp32 runs drift apart chaotically); --vary-seed gives repeat r the seed r on both sides (another
+init, split and order each repeat) and reports the mean of the paired differences:
+
+    python benchmarks/bench_epoch.py --cars 10 --val-cars 2 --repeats 5 --vary-seed \
+        --features 16 32 64 128 --train-flags --epochs 8 --lr 3e-3     # a fixed short training
 """
 from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,15 +53,21 @@ def link_subset(data_dir: Path, out: Path, cars: int) -> Path:
 
 
 def run_epoch(command: list[str], log: Path) -> dict[str, Any]:
-    """Wall seconds of one train.py run, and the epoch time train.py itself printed."""
+    """Wall seconds of one train.py run, until its first line (start-up), and the epoch time it printed."""
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=common.ROOT, capture_output=True, text=True)
+    first_line_s, stdout = None, []
+    with open(log, "w") as err, subprocess.Popen(command, cwd=common.ROOT, stdout=subprocess.PIPE, stderr=err,
+                                                 text=True) as process:
+        for line in process.stdout:  # train.py prints its first line once the data and model are ready
+            first_line_s = first_line_s or time.perf_counter() - start
+            stdout.append(line)
     wall = time.perf_counter() - start
-    log.write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        sys.exit(f"error: {' '.join(command)} failed ({result.returncode}); see {log}:\n{result.stderr[-2000:]}")
-    match = EPOCH_LINE.search(result.stdout)
-    return {"wall_s": wall, "epoch_s": float(match.group(1)) if match else None}
+    stderr = log.read_text()
+    log.write_text("".join(stdout) + stderr)
+    if process.returncode != 0:
+        sys.exit(f"error: {' '.join(command)} failed ({process.returncode}); see {log}:\n{stderr[-2000:]}")
+    match = EPOCH_LINE.search("".join(stdout))
+    return {"wall_s": wall, "startup_s": first_line_s, "epoch_s": float(match.group(1)) if match else None}
 
 
 def validation_dice(run_dir: Path) -> float | None:
@@ -65,15 +78,30 @@ def validation_dice(run_dir: Path) -> float | None:
 
 def commands(opts: argparse.Namespace, data: Path, out: Path, repeat: int) -> dict[str, list[str]]:
     """The two command lines of one repeat; each writes its own run folder."""
+    seed = ["--seed", str(repeat)] if opts.vary_seed else []
     common_flags = ["--data-dir", str(data), "--epochs", "1", "--val-cars", str(opts.val_cars),
                     "--batch-size", str(opts.batch_size), "--height", str(opts.height), "--width", str(opts.width),
-                    "--device", opts.device, "--features", *map(str, opts.features), *opts.train_flags]
+                    "--device", opts.device, "--features", *map(str, opts.features), *seed, *opts.train_flags]
     project = [sys.executable, "train.py", *common_flags, "--out-dir", str(out / f"project-{repeat}")]
     if opts.workers is not None:
         project += ["--workers", str(opts.workers)]
     baseline = [sys.executable, "benchmarks/baseline.py", *common_flags, "--out-dir", str(out / f"baseline-{repeat}"),
                 *BASELINE_FLAGS]
     return {"baseline": baseline, "project": project}
+
+
+def dice_summary_row(runs: list[dict[str, Any]]) -> list[str]:
+    """Mean validation Dice of each side, and the mean paired difference (project - baseline) with its range."""
+    paired = [(r["baseline"]["val_dice"], r["project"]["val_dice"]) for r in runs]
+    paired = [(b, p) for b, p in paired if b is not None and p is not None]
+    if not paired:
+        return ["validation Dice, mean of repeats", "–", "–", "–"]
+    diffs = [p - b for b, p in paired]
+    mean = statistics.fmean(diffs)
+    spread = f", s.e. {statistics.stdev(diffs) / len(diffs) ** 0.5:.4f}" if len(diffs) > 1 else ""
+    return ["validation Dice, mean of repeats", f"{statistics.fmean(b for b, _ in paired):.4f}",
+            f"{statistics.fmean(p for _, p in paired):.4f}",
+            f"project - baseline: {mean:+.4f} mean{spread}, {min(diffs):+.4f} to {max(diffs):+.4f}"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,6 +116,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=None, help="project's workers (default: train.py's)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vary-seed", action="store_true",
+                   help="repeat r trains with --seed r on both sides (default: train.py's seed every repeat)")
     p.add_argument("--skip-baseline", action="store_true", help="time the project's epoch only")
     p.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[],
                    help="more train.py flags for both sides, e.g. --train-flags --compile (must come last)")
@@ -110,7 +140,8 @@ def main() -> None:
                 runs[-1][side]["val_dice"] = validation_dice(Path(tmp) / f"{side}-{repeat}")
         shown = {side: " ".join(lines[side][1:]) for side in sides}
     rows = []
-    for key, label in (("wall_s", "whole run, wall clock (s)"), ("epoch_s", "epoch as train.py reports it (s)")):
+    for key, label in (("wall_s", "whole run, wall clock (s)"), ("startup_s", "start-up: launch to first line (s)"),
+                       ("epoch_s", "epoch as train.py reports it (s)")):
         values = [common.median([r[side][key] for r in runs]) for side in sides]
         ratio = common.median_ratio(runs, key) if "baseline" in sides else None
         speedup = f"{1 / ratio:.2f}x" if ratio else "–"
@@ -119,6 +150,8 @@ def main() -> None:
     rows.append(["validation Dice after the epoch (per repeat)",
                  *(" / ".join("–" if d is None else f"{d:.4f}" for d in values) for values in dice),
                  *(["–"] if "baseline" in sides else [])])
+    if "baseline" in sides and len(runs) > 1:
+        rows.append(dice_summary_row(runs))
     header = ["measurement", *sides, *(["speed-up: baseline / project (median of repeats)"] if "baseline" in sides else [])]
     info["load_average_end"] = common.load_average()
     print(f"one epoch on {n_images} images ({opts.cars or 'all'} cars, {opts.val_cars} for validation) at "

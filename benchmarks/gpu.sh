@@ -9,14 +9,16 @@
 # $OUT gets few files: gpu.md (the machine, then every table in order) and one JSON per measurement.
 # Knobs (environment): SYNTH (/tmp/synth), CARS (318), SIZE (1918x1280), WORKERS (cores - 2),
 # PAIRS (3), STEPS (20), IMAGES (256, for the loader rows), FULL_BATCH (4: fp32 at 1280x1918 needs
-# about 10 GB an image), FEATURES (64 128 256 512), DEVICE (cuda), COMPILE (1: also time the
-# compiled model at full size). A CPU smoke run of the Python parts, on an existing dataset:
+# about 10 GB an image), EPOCH_BATCHES ("32 8": a train.py epoch at each), FEATURES (64 128 256 512),
+# DEVICE (cuda), COMPILE (1: also time the compiled model at full size).
+# A CPU smoke run of the Python parts, on an existing dataset:
 #   DEVICE=cpu SYNTH=DIR FEATURES="4 8" PAIRS=1 STEPS=2 FULL_BATCH=1 IMAGES=16 COMPILE=0 OUT=/tmp/gpu-smoke bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-results}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then  # the GPU image has no albumentations
+if ! python3 -c "import albumentations" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  # the GPU image has no albumentations: install the carried wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -30,8 +32,9 @@ IMAGES=${IMAGES:-256}
 FULL_BATCH=${FULL_BATCH:-4}
 DEVICE=${DEVICE:-cuda}
 COMPILE=${COMPILE:-1}
+read -r -a EPOCH_BATCHES <<< "${EPOCH_BATCHES:-32 8}"
 read -r -a FEATURES <<< "${FEATURES:-64 128 256 512}"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1  # no version check over a network it lacks
 MD="$OUT/gpu.md"
 
 { echo '```'; nvidia-smi || true; python3 -c 'import sys, torch; print(sys.version); print("torch", torch.__version__)'
@@ -55,11 +58,13 @@ python3 benchmarks/bench_train.py --device "$DEVICE" --features "${FEATURES[@]}"
   --batch-size "$FULL_BATCH" --images 0 --pairs "$PAIRS" --steps "$(( STEPS / 2 ))" --warmup 3 \
   --json "$OUT/train-1280x1918.json" 2>&1 | tee -a "$MD" || echo "(failed)" | tee -a "$MD"
 
-section "one train.py epoch over all $(( CARS * 16 )) images at 160x240 (target < 10 s)"
-epoch() { python3 benchmarks/bench_epoch.py --device "$DEVICE" --features "${FEATURES[@]}" --data-dir "$SYNTH" --cars 0 \
-  --workers "$WORKERS" --skip-baseline --repeats 2 --json "$OUT/epoch-160x240.json" "$@" 2>&1 | tee -a "$MD"; }
-# Where /dev/shm is too small for the shared cache, say so and time the epoch decoding every batch.
-epoch || { echo "(failed; again with --no-cache)" | tee -a "$MD"; epoch --train-flags --no-cache || echo "(failed)" | tee -a "$MD"; }
+for batch in "${EPOCH_BATCHES[@]}"; do
+  section "one train.py epoch over all $(( CARS * 16 )) images at 160x240, batch $batch (target < 10 s)"
+  epoch() { python3 benchmarks/bench_epoch.py --device "$DEVICE" --features "${FEATURES[@]}" --data-dir "$SYNTH" --cars 0 \
+    --workers "$WORKERS" --batch-size "$batch" --skip-baseline --repeats 2 --json "$OUT/epoch-160x240-b$batch.json" "$@" 2>&1 | tee -a "$MD"; }
+  # Where /dev/shm is too small for the shared cache, say so and time the epoch decoding every batch.
+  epoch || { echo "(failed; again with --no-cache)" | tee -a "$MD"; epoch --train-flags --no-cache || echo "(failed)" | tee -a "$MD"; }
+done
 
 if [ "$COMPILE" = 1 ]; then
   section "training step at 1280x1918, project side torch.compile'd (train.py --compile)"

@@ -38,11 +38,14 @@ def test_bench_train_reports_steps_memory_mfu_and_loader(tiny_data, tmp_path):
 
 def test_bench_epoch_times_baseline_and_project(tiny_data, tmp_path):
     out = run_script("benchmarks/bench_epoch.py", "--data-dir", str(tiny_data), "--cars", "2", *TINY,
-                     "--repeats", "1", "--workers", "0", "--json", str(tmp_path / "e.json"))
-    runs = json.loads((tmp_path / "e.json").read_text())["runs"]
+                     "--repeats", "2", "--vary-seed", "--workers", "0", "--json", str(tmp_path / "e.json"))
+    report = json.loads((tmp_path / "e.json").read_text())
+    runs = report["runs"]
     assert runs[0]["baseline"]["wall_s"] > 0 and runs[0]["project"]["epoch_s"] is not None
+    assert all(0 < run[side]["startup_s"] < run[side]["wall_s"] for run in runs for side in ("baseline", "project"))
     assert all(0 <= runs[0][side]["val_dice"] <= 1 for side in ("baseline", "project"))
-    assert "validation Dice after the epoch" in out
+    assert "validation Dice after the epoch" in out and "project - baseline:" in out
+    assert "--seed 1" in report["commands"]["project"] and "--seed 1" in report["commands"]["baseline"]
     assert "benchmarks/baseline.py" in out and "--no-channels-last" in out
 
 
