@@ -695,6 +695,18 @@ def classes_to_size(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.array(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
 
 
+def single_threaded_opencv() -> None:
+    """OpenCV (albumentations' engine) without its own thread pool, here and in the loader workers forked after.
+
+    A worker is one core's worth of loading; OpenCV's pool, a thread per CPU in every worker,
+    oversubscribes the cores the other workers use: on 2 cores one thread augments a 160x240 pair in
+    about half the CPU time. It is set in the parent before the workers fork, since setting it inside a
+    forked worker deadlocks once the parent has used the pool.
+    """
+    import cv2
+    cv2.setNumThreads(1)
+
+
 def train_transforms(height: int, width: int, channels: int = 3, mask_fill: int = 0):
     """Training augmentations: resize, horizontal flip, small shift/scale/rotate, colour (or brightness) jitter.
 

@@ -246,6 +246,8 @@ def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, tr
     data = ds.CarvanaDataset(pairs, args.height, args.width, transform, cache=cache, soft_masks=args.soft_masks,
                              classes=args.classes, in_channels=args.in_channels)
     sampler = SeededSampler(len(data), args.seed, shuffle=train, rank=rank, world_size=world_size)
+    if args.workers > 0:  # the workers do all the augmenting: one core each
+        ds.single_threaded_opencv()
     return DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                       pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                       drop_last=False)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import cv2
 import torch
 
 import common
@@ -110,12 +111,14 @@ def stage_profile(pairs: Sequence[tuple[Path, Path]], height: int, width: int) -
         "baseline: full JPEG decode + resize": lambda p: plain_load_image(p[0], size),
         "baseline: full GIF to grey + resize": lambda p: plain_load_mask_resized(p[1], size),
     }
-    threads = torch.get_num_threads()
+    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)  # as in a DataLoader worker
+    ds.single_threaded_opencv()
     try:
         return {name: _cpu_ms(stage, pairs) for name, stage in stages.items()}
     finally:
         torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
 
 
 def _decode_only(path: Path) -> None:

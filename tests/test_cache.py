@@ -32,3 +32,30 @@ def test_cached_pair_equals_decoded_pair_and_is_a_copy(tmp_path):
     first[0][:] = 0  # an augmentation writing into what it got must not change the cache
     for got, want in zip(cached.load(3), plain.load(3)):
         assert np.array_equal(got, want)
+
+
+class _OpenCVThreads(torch.utils.data.Dataset):
+    """Reports the OpenCV thread count inside whichever process loads the item."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        import cv2
+        return cv2.getNumThreads()
+
+
+def test_training_loader_workers_run_opencv_single_threaded(tmp_path):
+    import cv2
+    data = write_tiny_carvana(tmp_path / "data", cars=1)
+    args = train.parse_args(["--height", "32", "--width", "48", "--workers", "1"])
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(4)
+    try:
+        cv2.warpAffine(np.zeros((512, 512), np.uint8), np.eye(2, 3), (512, 512))  # the pool in use, as after --workers 0
+        train.make_loader(ds.find_pairs(data), args, True, 0, 1, torch.device("cpu"))
+        # Its workers fork from this process: they must see one thread, and must not hang getting there.
+        probe = torch.utils.data.DataLoader(_OpenCVThreads(), num_workers=1, timeout=60)
+        assert [int(n) for n in probe] == [1, 1]
+    finally:
+        cv2.setNumThreads(threads)
