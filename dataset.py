@@ -36,7 +36,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -151,20 +151,21 @@ def mask_path_for(image_path: Path, data_dir: Path) -> Path:
 def list_images(data_dir: str | Path, layout: Layout | None = None) -> list[Path]:
     """The images of DIR in its layout (detected when not given), sorted by name, hidden files ignored."""
     layout = layout or detect_layout(data_dir)
-    image_dir = Path(data_dir) / layout.image_dir if layout else None
-    if image_dir is None or not image_dir.is_dir():
-        return []
-    return sorted(p for p in image_dir.iterdir()
-                  if p.suffix.lower() in layout.image_extensions and not is_hidden(p) and p.is_file())
+    return _files_in(data_dir, layout and layout.image_dir, lambda p: p.suffix.lower() in layout.image_extensions)
 
 
 def list_masks(data_dir: str | Path, layout: Layout | None = None) -> list[Path]:
     """The masks of DIR in its layout (detected when not given), sorted by name, hidden files ignored."""
     layout = layout or detect_layout(data_dir)
-    mask_dir = Path(data_dir) / layout.mask_dir if layout else None
-    if mask_dir is None or not mask_dir.is_dir():
+    return _files_in(data_dir, layout and layout.mask_dir, lambda p: bool(layout.mask_stem(p)))
+
+
+def _files_in(data_dir: str | Path, sub: str | None, wanted: Callable[[Path], bool]) -> list[Path]:
+    """The visible files of data_dir/sub that wanted() accepts, sorted; none when there is no such folder."""
+    folder = Path(data_dir) / sub if sub else None
+    if folder is None or not folder.is_dir():
         return []
-    return sorted(p for p in mask_dir.iterdir() if layout.mask_stem(p) and not is_hidden(p) and p.is_file())
+    return sorted(p for p in folder.iterdir() if wanted(p) and not is_hidden(p) and p.is_file())
 
 
 def pair_up(images: Sequence[Path], masks: Sequence[Path],
@@ -429,6 +430,11 @@ def _inspect_job(job: tuple[Path, int, bool, list[int] | None]) -> Verdict:
     return inspect_file(path, nbytes, decode=decode, rule=rule)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (fewer than the machine's under taskset or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _parallel_map(function, jobs: list, workers: int | None = None, chunk: int = 32, threads: bool = False):
     """function over jobs, in order, in `workers` threads or spawned processes (default: one per core)
     when there are at least `chunk` jobs for each, else in this process.
@@ -436,9 +442,7 @@ def _parallel_map(function, jobs: list, workers: int | None = None, chunk: int =
     Threads suit work that releases the GIL (PIL's decoders do); processes are spawned, never forked,
     because a fork can copy a lock that another thread (torch's, tqdm's) holds and hang forever.
     """
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(workers, len(jobs) // chunk)
+    workers = min(usable_cpus() if workers is None else workers, len(jobs) // chunk)
     if workers < 2:
         yield from map(function, jobs)
     elif threads:
@@ -1326,8 +1330,8 @@ def add_synthetic_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cars", type=int, default=24, help="number of cars, 16 views each (default: %(default)s)")
     parser.add_argument("--size", default="480x320", help="image size WxH (default: %(default)s; Kaggle's is 1918x1280)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="processes rendering cars; the files do not depend on it (default: this machine's cores, %(default)s)")
+    parser.add_argument("--workers", type=int, default=usable_cpus(),
+                        help="processes rendering cars; the files do not depend on it (default: the usable cores, %(default)s)")
     parser.add_argument("--classes", type=int, default=None, choices=sorted(SYNTHETIC_CLASSES),
                         help="write a multi-class dataset in the generic layout (images/, masks/ of class indices): "
                              + "; ".join(f"{n}: {', '.join(names)}" for n, names in SYNTHETIC_CLASSES.items()))

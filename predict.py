@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
-from dataset import is_hidden, load_image
+from dataset import is_hidden, load_image, usable_cpus
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -277,8 +277,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="images per forward pass")
     parser.add_argument("--device", default="auto", metavar="NAME",
                         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1), metavar="N",
-                        help="DataLoader processes decoding images; min(4, CPU count) by default, 0 decodes "
+    parser.add_argument("--workers", type=_non_negative_int, default=min(4, usable_cpus()), metavar="N",
+                        help="DataLoader processes decoding images; min(4, usable CPUs) by default, 0 decodes "
                              "in the main process")
     return parser.parse_args(argv)
 

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train on each small pixel's car coverage instead of 0/1, so that masks upsampled "
                            "to full resolution put the edge where it is (metrics always use 0/1 targets); "
                            "binary only: class masks are resized by nearest neighbour")
-    data.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
+    data.add_argument("--workers", type=int, default=min(4, max(1, ds.usable_cpus() // 2)),
                       help="data-loading worker processes (0 loads in the main process)")
 
     model = p.add_argument_group("model")
