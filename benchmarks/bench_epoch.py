@@ -16,7 +16,7 @@ fp32 runs drift apart chaotically); --vary-seed gives repeat r the seed r on bot
 init, split and order each repeat) and reports the mean of the paired differences:
 
     python benchmarks/bench_epoch.py --cars 10 --val-cars 2 --repeats 5 --vary-seed \
-        --features 16 32 64 128 --train-flags --epochs 8 --lr 3e-3     # a fixed short training
+        --features 16 32 64 128 --train-flags --epochs 10 --lr 3e-3    # a fixed short training
 """
 from __future__ import annotations
 

@@ -96,3 +96,22 @@ def test_cache_is_skipped_when_it_would_not_fit_in_memory(capsys):
     assert train.cache_fits(100, args)
     assert not train.cache_fits(10**9, args)  # 10^9 images at 160x240: far beyond any machine
     assert "decoding every epoch instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, cuda, cpus, local_world, expected", [
+    ("auto", False, 16, None, 4),   # CPU training: half the CPUs, at most 4
+    ("cpu", True, 2, None, 1),
+    ("auto", True, 16, None, 14),   # a GPU: all CPUs but two
+    ("cuda", False, 64, None, 16),  # at most 16
+    ("cuda:1", True, 32, "4", 6),   # torchrun's 4 processes share the 32 CPUs
+    ("mps", True, 8, None, 4),
+])
+def test_default_workers_follow_the_device_and_the_cpus(monkeypatch, device, cuda, cpus, local_world, expected):
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(train.ds, "usable_cpus", lambda: cpus)
+    if local_world:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train.parse_args(["--device", device]).workers == expected
+    assert train.parse_args(["--device", device, "--workers", "3"]).workers == 3
