@@ -12,8 +12,8 @@ Runs alternate, baseline first; the table gives medians and the median of the pe
 the start-up (from launch to train.py's first line, after the data check and set-up), and each
 run's validation Dice: same seed, data and sample order on both sides, so it shows whether the
 project's mixed precision and reduced-size decode cost accuracy. One pair is a coin flip (bf16 and
-fp32 runs drift apart chaotically); --vary-seed gives repeat r the seed r on both sides (another
-init, split and order each repeat) and reports the mean of the paired differences:
+fp32 runs drift apart chaotically); --vary-seed gives repeat r the seed r (plus --first-seed) on
+both sides (another init, split and order each repeat) and reports the mean of the paired differences:
 
     python benchmarks/bench_epoch.py --cars 10 --val-cars 2 --repeats 5 --vary-seed \
         --features 16 32 64 128 --train-flags --epochs 10 --lr 3e-3    # a fixed short training
@@ -78,7 +78,7 @@ def validation_dice(run_dir: Path) -> float | None:
 
 def commands(opts: argparse.Namespace, data: Path, out: Path, repeat: int) -> dict[str, list[str]]:
     """The two command lines of one repeat; each writes its own run folder."""
-    seed = ["--seed", str(repeat)] if opts.vary_seed else []
+    seed = ["--seed", str(opts.first_seed + repeat)] if opts.vary_seed else []
     common_flags = ["--data-dir", str(data), "--epochs", "1", "--val-cars", str(opts.val_cars),
                     "--batch-size", str(opts.batch_size), "--height", str(opts.height), "--width", str(opts.width),
                     "--device", opts.device, "--features", *map(str, opts.features), *seed, *opts.train_flags]
@@ -117,7 +117,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="project's workers (default: train.py's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vary-seed", action="store_true",
-                   help="repeat r trains with --seed r on both sides (default: train.py's seed every repeat)")
+                   help="repeat r trains with --seed FIRST+r on both sides (default: train.py's seed every repeat)")
+    p.add_argument("--first-seed", type=int, default=0, metavar="FIRST", help="with --vary-seed (default: 0)")
     p.add_argument("--skip-baseline", action="store_true", help="time the project's epoch only")
     p.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[],
                    help="more train.py flags for both sides, e.g. --train-flags --compile (must come last)")
@@ -154,7 +155,9 @@ def main() -> None:
         rows.append(dice_summary_row(runs))
     header = ["measurement", *sides, *(["speed-up: baseline / project (median of repeats)"] if "baseline" in sides else [])]
     info["load_average_end"] = common.load_average()
-    print(f"one epoch on {n_images} images ({opts.cars or 'all'} cars, {opts.val_cars} for validation) at "
+    epochs = train.parse_args(opts.train_flags).epochs if "--epochs" in opts.train_flags else 1
+    print(f"train.py for {epochs} epoch{'s' if epochs > 1 else ''} on {n_images} images ({opts.cars or 'all'} cars, "
+          f"{opts.val_cars} for validation) at "
           f"{opts.height}x{opts.width}, batch {opts.batch_size}, UNet {opts.features}; median of {opts.repeats}\n"
           f"machine: {info}\n")
     print(common.markdown_table(header, rows))
