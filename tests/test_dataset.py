@@ -98,3 +98,30 @@ def test_validation_transform_does_not_augment(synthetic_dir):
     a, _ = data[(0, 1)]
     b, _ = data[(0, 2)]
     assert torch.equal(a, b)
+
+
+def _edge_column(row: np.ndarray) -> float:
+    """Where a bright-to-dark step lies, in continuous pixel coordinates: the bright area before it.
+
+    Any symmetric resampling filter keeps that area, so it locates the step to a small fraction of a pixel.
+    """
+    high, low = row[:8].mean(), row[-8:].mean()
+    return float(((row - low) / (high - low)).sum())
+
+
+@pytest.mark.parametrize("size", [(160, 240), (256, 384)])
+def test_reduced_jpeg_decode_keeps_the_geometry_of_a_full_resize(tmp_path, size):
+    # 1918 is no multiple of 8: a reduced (draft) decode's last column covers less of the photo than
+    # the others. Resizing it as if it were whole moved the right side of every photo by up to a
+    # quarter of a pixel at 160x240 against its mask, which is resized from the full size.
+    photo = np.full((1280, 1918), 230, np.uint8)
+    photo[:, 1700:] = 20
+    path = tmp_path / "step.jpg"
+    Image.fromarray(photo).convert("RGB").save(path, quality=95)
+    want = 1700 / 1918 * size[1]  # the step's place at the reduced width
+    with Image.open(path) as img:
+        full = np.asarray(img.convert("L").resize((size[1], size[0]), Image.BILINEAR), np.float64)
+    fast = ds.load_image(path, size, channels=1)[..., 0].astype(np.float64)
+    assert fast.shape == full.shape == size
+    assert abs(_edge_column(full.mean(axis=0)) - want) < 0.05
+    assert abs(_edge_column(fast.mean(axis=0)) - want) < 0.05
