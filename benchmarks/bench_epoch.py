@@ -82,11 +82,14 @@ def commands(opts: argparse.Namespace, data: Path, out: Path, repeat: int) -> di
     common_flags = ["--data-dir", str(data), "--epochs", "1", "--val-cars", str(opts.val_cars),
                     "--batch-size", str(opts.batch_size), "--height", str(opts.height), "--width", str(opts.width),
                     "--device", opts.device, "--features", *map(str, opts.features), *seed, *opts.train_flags]
-    project = [sys.executable, "train.py", *common_flags, "--out-dir", str(out / f"project-{repeat}")]
-    if opts.workers is not None:
-        project += ["--workers", str(opts.workers)]
-    baseline = [sys.executable, "benchmarks/baseline.py", *common_flags, "--out-dir", str(out / f"baseline-{repeat}"),
-                *BASELINE_FLAGS]
+    workers = [] if opts.workers is None else ["--workers", str(opts.workers)]
+    project = [sys.executable, "train.py", *common_flags, "--out-dir", str(out / f"project-{repeat}"), *workers]
+    if opts.precision_only:  # the project itself in fp32: only the precision differs
+        baseline = [sys.executable, "train.py", *common_flags, "--out-dir", str(out / f"baseline-{repeat}"),
+                    *workers, "--amp", "off"]
+    else:
+        baseline = [sys.executable, "benchmarks/baseline.py", *common_flags, "--out-dir",
+                    str(out / f"baseline-{repeat}"), *BASELINE_FLAGS]
     return {"baseline": baseline, "project": project}
 
 
@@ -119,6 +122,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vary-seed", action="store_true",
                    help="repeat r trains with --seed FIRST+r on both sides (default: train.py's seed every repeat)")
     p.add_argument("--first-seed", type=int, default=0, metavar="FIRST", help="with --vary-seed (default: 0)")
+    p.add_argument("--precision-only", action="store_true",
+                   help="baseline side: train.py itself with --amp off (same decode, workers and cache), "
+                        "so that only the precision differs")
     p.add_argument("--skip-baseline", action="store_true", help="time the project's epoch only")
     p.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[],
                    help="more train.py flags for both sides, e.g. --train-flags --compile (must come last)")

@@ -51,3 +51,11 @@ def test_bench_epoch_times_baseline_and_project(tiny_data, tmp_path):
 
 def test_gpu_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
+
+
+def test_bench_epoch_precision_only_compares_train_py_with_itself_in_fp32(tiny_data, tmp_path):
+    run_script("benchmarks/bench_epoch.py", "--data-dir", str(tiny_data), "--cars", "2", *TINY,
+               "--repeats", "1", "--precision-only", "--workers", "0", "--json", str(tmp_path / "e.json"))
+    commands = json.loads((tmp_path / "e.json").read_text())["commands"]
+    assert commands["baseline"].startswith("train.py") and commands["baseline"].endswith("--amp off")
+    assert commands["baseline"].replace("baseline-0", "project-0").removesuffix(" --amp off") == commands["project"]
