@@ -261,11 +261,16 @@ def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, tr
     data = ds.CarvanaDataset(pairs, args.height, args.width, transform, cache=cache, soft_masks=args.soft_masks,
                              classes=args.classes, in_channels=args.in_channels)
     sampler = SeededSampler(len(data), args.seed, shuffle=train, rank=rank, world_size=world_size)
-    if args.workers > 0:  # the workers do all the augmenting: one core each
-        ds.single_threaded_opencv()
-    return DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+    return DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=loader_workers(args),
                       pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                       drop_last=False)
+
+
+def loader_workers(args: argparse.Namespace) -> int:
+    """--workers, once this process is ready to fork them: OpenCV single-threaded, as each worker is one core."""
+    if args.workers > 0:
+        ds.single_threaded_opencv()
+    return args.workers
 
 
 def cache_fits(images: int, args: argparse.Namespace, announce: bool = True) -> bool:
@@ -844,7 +849,7 @@ def evaluate_resolutions(model: torch.nn.Module, pairs: Sequence[tuple[Path, Pat
     model.eval()
     model = scoring_model(model)
     data = FullResolutionPairs(pairs, args.height, args.width, args.classes, args.in_channels)
-    loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers,
+    loader = DataLoader(data, batch_size=args.batch_size, num_workers=loader_workers(args),
                         sampler=SeededSampler(len(data), args.seed, False, rank, world_size),
                         collate_fn=FullResolutionPairs.collate)
     modes = (False, True) if args.tta else (False,)

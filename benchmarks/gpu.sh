@@ -58,10 +58,10 @@ python3 benchmarks/bench_train.py --device "$DEVICE" --features "${FEATURES[@]}"
   --batch-size "$FULL_BATCH" --images 0 --pairs "$PAIRS" --steps "$(( STEPS / 2 ))" --warmup 3 \
   --json "$OUT/train-1280x1918.json" 2>&1 | tee -a "$MD" || echo "(failed)" | tee -a "$MD"
 
+epoch() { python3 benchmarks/bench_epoch.py --device "$DEVICE" --features "${FEATURES[@]}" --data-dir "$SYNTH" --cars 0 \
+  --workers "$WORKERS" --batch-size "$batch" --skip-baseline --repeats 2 --json "$OUT/epoch-160x240-b$batch.json" "$@" 2>&1 | tee -a "$MD"; }
 for batch in "${EPOCH_BATCHES[@]}"; do
   section "one train.py epoch over all $(( CARS * 16 )) images at 160x240, batch $batch (target < 10 s)"
-  epoch() { python3 benchmarks/bench_epoch.py --device "$DEVICE" --features "${FEATURES[@]}" --data-dir "$SYNTH" --cars 0 \
-    --workers "$WORKERS" --batch-size "$batch" --skip-baseline --repeats 2 --json "$OUT/epoch-160x240-b$batch.json" "$@" 2>&1 | tee -a "$MD"; }
   # Where /dev/shm is too small for the shared cache, say so and time the epoch decoding every batch.
   epoch || { echo "(failed; again with --no-cache)" | tee -a "$MD"; epoch --train-flags --no-cache || echo "(failed)" | tee -a "$MD"; }
 done
