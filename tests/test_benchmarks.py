@@ -59,3 +59,15 @@ def test_bench_epoch_precision_only_compares_train_py_with_itself_in_fp32(tiny_d
     commands = json.loads((tmp_path / "e.json").read_text())["commands"]
     assert commands["baseline"].startswith("train.py") and commands["baseline"].endswith("--amp off")
     assert commands["baseline"].replace("baseline-0", "project-0").removesuffix(" --amp off") == commands["project"]
+
+
+def test_grad_precision_compares_one_batch_against_itself(tiny_data):
+    out = run_script("benchmarks/grad_precision.py", "--data-dir", str(tiny_data), "--features", "4", "8",
+                     "--height", "32", "--width", "48", "--batch-size", "4", "--amp", "bf16")
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| gradient")}
+    # The same weights and batch in another memory layout move the gradient far less than another batch
+    # does; were the passes to change the weights or see other images, the two would be alike.
+    assert rows["fp32, channels_last (sum order only)"] < 0.01
+    assert rows["fp32, another batch (SGD's own noise)"] > 10 * rows["fp32, channels_last (sum order only)"]
+    assert 0 < rows["project: channels_last, bfloat16 autocast"] < 1
