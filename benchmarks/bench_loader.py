@@ -103,8 +103,9 @@ def stage_profile(pairs: Sequence[tuple[Path, Path]], height: int, width: int) -
     cache.put(0, image, mask)
     stages: dict[str, Callable[[tuple[Path, Path]], Any]] = {
         "JPEG decode, draft mode (load_image)": lambda p: ds.load_image(p[0], size),
+        "  of which JPEG decode alone, at draft's scale": lambda p: _decode_only(p[0], size),
         "GIF decode + resize (load_mask_resized)": lambda p: ds.load_mask_resized(p[1], size),
-        "  of which GIF decode alone": lambda p: _decode_only(p[1]),
+        "  of which GIF decode alone": lambda p: _decode_only(p[1], None),
         "train transforms (albumentations)": lambda p: transform(image=image, mask=mask),
         "to_tensors": lambda p: ds.to_tensors(image, mask),
         "cache read (copy out)": lambda p: cache.get(0),
@@ -121,8 +122,11 @@ def stage_profile(pairs: Sequence[tuple[Path, Path]], height: int, width: int) -
         cv2.setNumThreads(cv2_threads)
 
 
-def _decode_only(path: Path) -> None:
+def _decode_only(path: Path, size: tuple[int, int] | None) -> None:
+    """Decode the file (a JPEG at the scale load_image drafts for size) and nothing more."""
     with ds.Image.open(path) as img:
+        if size is not None:
+            img.draft("RGB", (size[1], size[0]))
         img.load()
 
 
