@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                      help="mixed precision: auto = bf16 on CUDA and on CPUs with bf16 units, "
                           "fp16 with a grad scaler on older GPUs, off elsewhere")
+    run.add_argument("--fp32-warmup", type=float, default=0.05, metavar="FRACTION",
+                     help="this fraction of the run's optimizer steps, from the first, trains in fp32 before "
+                          "--amp takes over: from a random start bf16 gradients are least accurate, and short "
+                          "runs ended with lower Dice without it (BENCHMARKS.md); 0 uses --amp from the start")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                      help="channels_last memory format (faster convolutions on CPU and tensor cores)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
@@ -126,6 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--evaluate needs --resume CHECKPOINT")
     if not 1 <= args.classes <= 256:
         parser.error(f"--classes must be 1 (binary) or 2..256 (class indices fit in 8 bits), got {args.classes}")
+    if not 0 <= args.fp32_warmup <= 1:
+        parser.error(f"--fp32-warmup is a fraction of the run's steps, from 0 to 1, got {args.fp32_warmup}")
     if not 0 <= args.ignore_index <= 255:
         parser.error(f"--ignore-index must be 0..255 (an 8-bit mask value), got {args.ignore_index}")
     if args.workers is None:
@@ -499,10 +505,13 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     first_bad_step = torch.tensor(-1, device=device)
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs} train", leave=False, disable=not show_progress,
                dynamic_ncols=True, initial=first_step, total=first_step + len(loader))
+    warmup_steps = fp32_warmup_steps(args, scheduler)
     for step, (images, masks) in enumerate(bar, start=first_step + 1):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
-        loss = train_step(model, images, masks, optimizer, scaler, device, amp_dtype, args.clip_grad, task.loss)
+        # The scheduler counts the steps taken so far, those before a --resume included.
+        step_amp = None if scheduler.last_epoch < warmup_steps else amp_dtype
+        loss = train_step(model, images, masks, optimizer, scaler, device, step_amp, args.clip_grad, task.loss)
         scheduler.step()
         finite = torch.isfinite(loss)
         loss_sum += torch.where(finite, loss * images.shape[0], 0.0)
@@ -517,6 +526,11 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
             raise StopRequested({"step": step, "loss_sum": loss_sum.item(), "count": count.item()})
     totals = all_reduce_sum(torch.stack([loss_sum, count]))
     return (totals[0] / totals[1].clamp_min(1)).item()
+
+
+def fp32_warmup_steps(args: argparse.Namespace, scheduler: Any) -> int:
+    """How many of the run's first optimizer steps train in fp32 (--fp32-warmup) before mixed precision."""
+    return int(args.fp32_warmup * scheduler.total_steps)
 
 
 def train_step(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor,
@@ -747,6 +761,8 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
         start_epoch, best_dice = state["epoch"] + 1, state["best_dice"]
         rows, progress = list(state.get("metrics", [])), state.get("progress")
 
+    warmup_steps = fp32_warmup_steps(args, scheduler) if amp_dtype else 0
+    warmup = f" after {warmup_steps} fp32 steps" if warmup_steps else ""
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_config(args), out_dir / "config.json")
@@ -757,7 +773,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
         print(f"{ds.describe_pairs(train_pairs)} for training, {ds.describe_pairs(val_pairs)} for validation "
               f"from {source}; UNet {unwrap(model).config['features']} ({count_parameters(model) / 1e6:.1f} M "
               f"parameters){kind} on {device}"
-              f"{f' x{world_size}' if world_size > 1 else ''}, amp {amp_dtype or 'off'}; run folder {out_dir}")
+              f"{f' x{world_size}' if world_size > 1 else ''}, amp {amp_dtype or 'off'}{warmup}; run folder {out_dir}")
         if start_epoch > 1 or progress:
             print(f"resuming at epoch {start_epoch}" + (f", step {progress['step']}" if progress else ""))
 

@@ -1,9 +1,11 @@
 import csv
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
 import utils
@@ -115,3 +117,52 @@ def test_default_workers_follow_the_device_and_the_cpus(monkeypatch, device, cud
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert train.parse_args(["--device", device]).workers == expected
     assert train.parse_args(["--device", device, "--workers", "3"]).workers == 3
+
+
+def record_step_precision(monkeypatch) -> list:
+    """Patch train.train_step to note the autocast dtype of every training step."""
+    seen, original = [], train.train_step
+
+    def recording(model, images, masks, optimizer, scaler, device, amp_dtype, *args, **kwargs):
+        seen.append(amp_dtype)
+        return original(model, images, masks, optimizer, scaler, device, amp_dtype, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", recording)
+    return seen
+
+
+def test_fp32_warmup_trains_the_first_steps_in_fp32_then_mixed_precision(synthetic_dir, tmp_path, monkeypatch):
+    seen = record_step_precision(monkeypatch)
+    code = train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(tmp_path), "--epochs", "2",
+                       "--amp", "bf16", "--fp32-warmup", "0.25", *TINY])
+    assert code == 0
+    assert len(seen) == 12  # 2 epochs of 6 steps (48 training images, batch 8)
+    assert seen == [None] * 3 + [torch.bfloat16] * 9  # int(0.25 * 12) steps in fp32
+
+
+def test_fp32_warmup_counts_the_steps_before_a_resume(synthetic_dir, tmp_path, monkeypatch):
+    out, calls = tmp_path / "run", []
+    seen, original_loss = record_step_precision(monkeypatch), train.bce_dice_loss
+
+    def loss_then_signal(logits, target, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:  # step 2 of epoch 2 (8 calls per epoch: 6 training steps, 2 validation batches)
+            train._request_stop(signal.SIGTERM, None)
+        return original_loss(logits, target, **kwargs)
+
+    monkeypatch.setattr(train, "bce_dice_loss", loss_then_signal)
+    argv = ["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "2", "--amp", "bf16",
+            "--fp32-warmup", "0.75", *TINY]
+    assert train.main(argv) == 130
+    assert seen == [None] * 8  # 8 of the 12 steps taken, all within the 9 warm-up steps
+    monkeypatch.setattr(train, "bce_dice_loss", original_loss)
+    seen.clear()
+    assert train.main(["--resume", str(out / "last.pt")]) == 0
+    assert seen == [None] + [torch.bfloat16] * 3  # steps 9 to 12: the warm-up's last, then bf16
+
+
+@pytest.mark.parametrize("fraction", ["-0.1", "1.5"])
+def test_fp32_warmup_outside_0_to_1_is_refused(fraction, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--fp32-warmup", fraction])
+    assert "--fp32-warmup is a fraction" in capsys.readouterr().err
