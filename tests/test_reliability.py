@@ -12,6 +12,7 @@ import torch
 import train
 import utils
 from model import UNet
+from stopping import signal_at_loss_call
 
 ROOT = Path(train.__file__).parent
 TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "8", "--workers", "0",
@@ -73,23 +74,13 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(synthetic_dir, uninterr
 
 def test_signal_mid_epoch_saves_and_resume_is_exact(synthetic_dir, uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    calls = []
-    original = train.bce_dice_loss
-
-    def loss_then_signal(logits, target, **kwargs):
-        calls.append(1)
-        if len(calls) == 10:  # step 2 of epoch 2 (8 calls per epoch: 6 training steps, 2 validation batches)
-            train._request_stop(signal.SIGTERM, None)
-        return original(logits, target, **kwargs)
-
-    monkeypatch.setattr(train, "bce_dice_loss", loss_then_signal)
+    signal_at_loss_call(monkeypatch, 10)  # step 2 of epoch 2 (8 calls an epoch: 6 training steps, 2 validation)
     code = train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "3", *TINY])
     assert code == 130
     err = capsys.readouterr().err
     assert "Resume with: python train.py --resume" in err
     state = utils.load_checkpoint(out / "last.pt")
     assert state["epoch"] == 1 and state["progress"]["step"] > 0
-    monkeypatch.setattr(train, "bce_dice_loss", original)
     assert train.main(["--resume", str(out / "last.pt")]) == 0
     assert same_weights(weights(out / "last.pt"), weights(uninterrupted / "last.pt"))
     assert metric_rows(out) == metric_rows(uninterrupted)

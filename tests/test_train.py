@@ -1,6 +1,5 @@
 import csv
 import json
-import signal
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import torch
 
 import train
 import utils
+from stopping import signal_at_loss_call
 
 TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "8", "--workers", "0",
         "--val-cars", "1", "--num-predictions", "2"]
@@ -141,21 +141,13 @@ def test_fp32_warmup_trains_the_first_steps_in_fp32_then_mixed_precision(synthet
 
 
 def test_fp32_warmup_counts_the_steps_before_a_resume(synthetic_dir, tmp_path, monkeypatch):
-    out, calls = tmp_path / "run", []
-    seen, original_loss = record_step_precision(monkeypatch), train.bce_dice_loss
-
-    def loss_then_signal(logits, target, **kwargs):
-        calls.append(1)
-        if len(calls) == 10:  # step 2 of epoch 2 (8 calls per epoch: 6 training steps, 2 validation batches)
-            train._request_stop(signal.SIGTERM, None)
-        return original_loss(logits, target, **kwargs)
-
-    monkeypatch.setattr(train, "bce_dice_loss", loss_then_signal)
+    out = tmp_path / "run"
+    seen = record_step_precision(monkeypatch)
+    signal_at_loss_call(monkeypatch, 10)  # step 2 of epoch 2 (8 calls an epoch: 6 training steps, 2 validation)
     argv = ["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "2", "--amp", "bf16",
             "--fp32-warmup", "0.75", *TINY]
     assert train.main(argv) == 130
     assert seen == [None] * 8  # 8 of the 12 steps taken, all within the 9 warm-up steps
-    monkeypatch.setattr(train, "bce_dice_loss", original_loss)
     seen.clear()
     assert train.main(["--resume", str(out / "last.pt")]) == 0
     assert seen == [None] + [torch.bfloat16] * 3  # steps 9 to 12: the warm-up's last, then bf16
