@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "runs ended with lower Dice without it (BENCHMARKS.md); 0 uses --amp from the start")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                      help="channels_last memory format (faster convolutions on CPU and tensor cores)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model (pays off on long GPU runs); with an fp32 warm-up it compiles "
+                          "twice, once for the fp32 steps and once for mixed precision")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     run.add_argument("--num-predictions", type=int, default=4,
                      help="validation images saved to predictions/ whenever validation Dice improves")
