@@ -7,8 +7,9 @@ On one batch of real Carvana pairs (training transforms, fixed seed), the gradie
 loss is computed in fp32 NCHW (the reference), then as the project computes it (channels_last, and
 the device's autocast dtype), then in fp32 channels_last (only the order of the sums changes), and
 in fp32 on a second batch (what SGD's own noise looks like). Each row gives the relative error
-|g - g_ref| / |g_ref| over all parameters, and its median and worst layer. BatchNorm's running
-statistics are restored after every pass, so all passes start from the same weights.
+|g - g_ref| / |g_ref| over all parameters, and its median and worst layer. No pass changes the
+weights (no optimizer step), and in training mode BatchNorm normalises with each batch's own
+statistics, so every pass sees the same model.
 """
 from __future__ import annotations
 
@@ -36,15 +37,13 @@ def batch_of(pairs: Sequence[tuple[Path, Path]], height: int, width: int, seed: 
 
 def gradients(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
               amp_dtype: torch.dtype | None, channels_last: bool) -> Gradients:
-    """Each parameter's gradient of train.py's loss on the batch; the model's weights and BN statistics are left as they were."""
+    """Each parameter's gradient of train.py's loss on the batch, the weights left as they were."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(memory_format=memory_format).train().zero_grad()
     images = batch[0].to(device, memory_format=memory_format)
     with utils.autocast(device, amp_dtype):
         logits = model(images)
     train.bce_dice_loss(logits, batch[1].to(device)).backward()
-    model.load_state_dict(saved)  # undo the running-statistics update of this pass
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
