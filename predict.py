@@ -17,7 +17,6 @@ import contextlib
 import csv
 import gzip
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,13 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
-from dataset import is_hidden, load_image, usable_cpus
+from dataset import GENERIC, is_hidden, load_image
+from task import Task, make_task
+from utils import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-
-
-class InputError(Exception):
-    """A user error reported as one line with exit status 2 (a missing input, a folder without images...)."""
+IMAGE_EXTENSIONS = GENERIC.image_extensions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,14 +49,14 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
             found = sorted(p for p in item.iterdir()
                            if p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p) and p.is_file())
             if not found:
-                raise InputError(f"{item}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+                raise UserError(f"{item}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
             images += found
         elif item.is_file():
             if item.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise InputError(f"{item}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
+                raise UserError(f"{item}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
             images.append(item)
         else:
-            raise InputError(f"{item}: no such file or folder")
+            raise UserError(f"{item}: no such file or folder")
     # A file named both directly and through its folder is predicted once.
     unique, seen = [], set()
     for path in images:
@@ -74,7 +71,7 @@ def check_output_names(paths: Sequence[Path]) -> None:
     seen: dict[str, Path] = {}
     for path in paths:
         if path.stem in seen:
-            raise InputError(f"{seen[path.stem]} and {path} would both write {path.stem}_mask.png: "
+            raise UserError(f"{seen[path.stem]} and {path} would both write {path.stem}_mask.png: "
                              f"predict them into separate --output folders")
         seen[path.stem] = path
 
@@ -84,11 +81,12 @@ def save_outputs(path: Path, mask: np.ndarray, output: Path, overlay: bool = Fal
 
     mask is a boolean mask (classes=1, saved 0/255) or a map of class indices (saved as a palette PNG).
     """
-    utils.save_labels_png(mask, output / f"{path.stem}_mask.png", classes)
+    utils.save_mask_png(mask, output / f"{path.stem}_mask.png", classes)
     if overlay:
         photo = torch.tensor(load_image(path)).permute(2, 0, 1)  # full resolution (3, H, W), a writable copy
-        tinted = utils.overlay_labels(photo, torch.from_numpy(mask), classes)
-        Image.fromarray(tinted.permute(1, 2, 0).numpy()).save(output / f"{path.stem}_overlay.jpg", quality=90)
+        tinted = utils.overlay(photo, torch.from_numpy(mask), classes)
+        with utils.atomic_write(output / f"{path.stem}_overlay.jpg", "wb") as f:
+            Image.fromarray(tinted.permute(1, 2, 0).numpy()).save(f, format="JPEG", quality=90)
 
 
 @contextlib.contextmanager
@@ -97,30 +95,23 @@ def open_submission(path: Path | None) -> Iterator[Any]:
     if path is None:
         yield None
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            raw = open(tmp, "wb")
+            raw = stack.enter_context(utils.atomic_write(path, "wb"))
         except OSError as e:
-            raise InputError(f"{path}: cannot write the submission ({e.strerror or e})") from None
-        with raw:
-            gzipped = path.name.lower().endswith(".gz")
-            # filename= names the csv inside the gzip header (else it would be the temporary name).
-            stream = gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw, compresslevel=6) if gzipped else raw
-            text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
-            try:
-                writer = csv.writer(text, lineterminator="\n")
-                writer.writerow(["img", "rle_mask"])
-                yield writer
-            finally:
-                text.detach()  # flushes, and leaves closing the streams to us, innermost first
-                if gzipped:
-                    stream.close()  # writes the gzip trailer; raw stays open
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            raise UserError(f"{path}: cannot write the submission ({e.strerror or e})") from None
+        # filename= names the csv inside the gzip header (else it would be the temporary name).
+        gzipped = path.name.lower().endswith(".gz")
+        stream = gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw, compresslevel=6) if gzipped else raw
+        text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        try:
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(["img", "rle_mask"])
+            yield writer
+        finally:
+            text.detach()  # flushes, and leaves closing the streams to us, innermost first
+            if gzipped:
+                stream.close()  # writes the gzip trailer; raw stays open for atomic_write to sync
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,28 +134,17 @@ def load_segmentation_model(checkpoint: Path, device: torch.device) -> tuple[nn.
     return model.to(memory_format=torch.channels_last), size
 
 
-def to_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Float32 probabilities of (N, C, h, w) logits: sigmoid for one channel (binary), softmax over C classes."""
-    logits = logits.float()
-    return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(dim=1)
-
-
-def to_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """(N, h, w) decisions from (N, C, h, w) probabilities: bool above threshold (binary), else the likeliest class (uint8)."""
-    return probs[:, 0] > threshold if probs.shape[1] == 1 else probs.argmax(dim=1).to(torch.uint8)
-
-
 @torch.inference_mode()
-def predict_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Float32 probabilities (N, C, h, w) for float images (N, in_channels, h, w) in [0, 1]; model in eval mode.
+def predict_probabilities(model: nn.Module, images: torch.Tensor, task: Task, tta: bool = False) -> torch.Tensor:
+    """Float32 probabilities (N, C, h, w) of float images (N, in_channels, h, w) in [0, 1]; model in eval mode.
 
     C is 1 (car probability) for a binary model, the number of classes otherwise.
     """
     if not tta:
-        return to_probabilities(model(images))
+        return task.probabilities(model(images))
     # Horizontal-flip TTA in one forward pass over both views (BatchNorm is in eval mode, so mixing
     # them in a batch changes nothing); the mirrored view's prediction is flipped back before averaging.
-    plain, mirrored = to_probabilities(model(torch.cat([images, images.flip(-1)]))).chunk(2)
+    plain, mirrored = task.probabilities(model(torch.cat([images, images.flip(-1)]))).chunk(2)
     return (plain + mirrored.flip(-1)) / 2
 
 
@@ -209,46 +189,25 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int]
     """
     device = next(model.parameters()).device
     dtype = utils.autocast_dtype(device)
+    task = make_task(model.config["out_channels"])
     loader = DataLoader(ImageFiles(paths, size, model.config["in_channels"]), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda")
     for images, sizes, indices, errors in loader:
         if bad := [e for e in errors if e]:
-            raise InputError(bad[0])
+            raise UserError(bad[0])
         # (N, h, w, 3) uint8 permuted to (N, 3, h, w) is already channels_last in memory.
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         with utils.autocast(device, dtype):
-            probs = predict_probabilities(model, x, tta)
+            probs = predict_probabilities(model, x, task, tta)
         for prob, (height, width), index in zip(probs, sizes.tolist(), indices.tolist()):
             # Upsample the probabilities, not the decided mask, so edges are smooth at full size.
-            mask = to_labels(upsample_to(prob[None], (height, width)), threshold)[0]
+            mask = task.labels(upsample_to(prob[None], (height, width)), threshold)[0]
             yield paths[index], mask.cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """predict.py's command line."""
@@ -262,7 +221,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"hidden files skipped, taken in name order)")
     parser.add_argument("--output", type=Path, metavar="DIR", **required,
                         help="folder for X_mask.png (and X_overlay.jpg) per image X; created if needed")
-    parser.add_argument("--threshold", type=_probability, default=0.5, metavar="P",
+    parser.add_argument("--threshold", type=float, default=0.5, metavar="P",
                         help="binary models: a pixel is car when its probability is above this "
                              "(multi-class models take the likeliest class)")
     parser.add_argument("--overlay", action="store_true",
@@ -273,33 +232,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--submission", type=Path, metavar="FILE",
                         help="also write a Kaggle submission (img,rle_mask) here; gzip-compressed if it ends "
                              "in .gz (binary models only)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="images per forward pass")
     parser.add_argument("--device", default="auto", metavar="NAME",
                         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--workers", type=_non_negative_int, default=min(4, usable_cpus()), metavar="N",
+    parser.add_argument("--workers", type=int, default=min(4, utils.usable_cpus()), metavar="N",
                         help="DataLoader processes decoding images; min(4, usable CPUs) by default, 0 decodes "
                              "in the main process")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.threshold <= 1:
+        parser.error(f"--threshold must be between 0 and 1, got {args.threshold}")
+    if args.batch_size < 1 or args.workers < 0:
+        parser.error("--batch-size must be at least 1 and --workers 0 or more")
+    return args
 
 
 def run(args: argparse.Namespace) -> None:
     """Predict every input image and write masks, overlays and the submission."""
     paths = find_images(args.input)
     check_output_names(paths)
-    try:
-        device = utils.select_device(args.device)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    device = utils.select_device(args.device)
     model, size = load_segmentation_model(args.checkpoint, device)
     classes = model.config["out_channels"]
     if classes > 1 and args.submission is not None:
-        raise InputError(f"{args.checkpoint}: --submission writes Kaggle's binary run-length encoding, but this "
+        raise UserError(f"{args.checkpoint}: --submission writes Kaggle's binary run-length encoding, but this "
                          f"model segments {classes} classes; leave out --submission (the class masks are PNGs)")
     try:
         args.output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InputError(f"{args.output}: cannot create the output folder ({e.strerror or e})") from None
+        raise UserError(f"{args.output}: cannot create the output folder ({e.strerror or e})") from None
     kind = ("" if model.config["in_channels"] == 3 else ", grayscale") + ("" if classes == 1 else f", {classes} classes")
     print(f"{len(paths)} image(s) -> {args.output}: model input {size[0]}x{size[1]}{kind} on {device}"
           f"{', TTA' if args.tta else ''}")
@@ -309,7 +270,7 @@ def run(args: argparse.Namespace) -> None:
         for path, mask in tqdm(predictions, total=len(paths), unit="img", desc="predict"):
             save_outputs(path, mask, args.output, overlay=args.overlay, classes=classes)
             if submission is not None:
-                submission.writerow([path.name, utils.rle_encode(mask)])
+                submission.writerow([path.name, rle_encode(mask)])
     if args.submission is not None:
         print(f"submission: {args.submission} ({len(paths)} rows)")
 
@@ -317,12 +278,81 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a user error, reported as one line)."""
     args = parse_args(argv)
+    return utils.run_program(lambda: run(args), status=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kaggle's run-length encoding, for the submission
+# ---------------------------------------------------------------------------------------------
+# Kaggle numbers pixels from 1, row by row (row-major over the (1280, 1918) array, as in
+# train_masks.csv), and writes "start length" pairs separated by spaces; an empty mask is "".
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Kaggle's run-length encoding of a 2-D mask (nonzero = foreground); "" for an empty mask."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"rle_encode expects a 2-D (height, width) mask, got shape {mask.shape}")
+    # Pad with background on both ends so every run has a start and an end transition.
+    pixels = np.zeros(mask.size + 2, dtype=bool)
+    np.not_equal(mask.ravel(), 0, out=pixels[1:-1])
+    # A transition pixels[i] != pixels[i + 1] sits at 0-based mask pixel i; + 1 makes it the 1-based
+    # number of a run's first pixel (a start) or of the pixel just past its last (an end).
+    runs = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1
+    runs[1::2] -= runs[::2]  # ends -> lengths
+    return " ".join(map(str, runs.tolist()))
+
+
+def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 {0, 1} mask of shape (height, width) from Kaggle's run-length encoding."""
+    height, width = (int(v) for v in shape)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"rle_decode: shape must be two positive sizes, got {tuple(shape)}")
+    n = height * width
+    starts, lengths = _parse_runs(rle)
+    _check_runs(starts, lengths, n, (height, width))
+    # +1 at each run's first pixel, -1 one past its last (0-based); the running sum is the mask.
+    delta = np.zeros(n + 1, dtype=np.int8)
+    np.add.at(delta, starts - 1, 1)
+    np.add.at(delta, starts - 1 + lengths, -1)
+    return np.cumsum(delta[:-1], dtype=np.int8).view(np.uint8).reshape(height, width)
+
+
+def _parse_runs(rle: str) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) as int64 arrays; ValueError unless rle is whitespace-separated integer pairs."""
+    tokens = rle.split()
+    if len(tokens) % 2:
+        raise ValueError(f"RLE has an odd number of values ({len(tokens)}): expected 'start length' pairs")
     try:
-        run(args)
-    except (InputError, utils.CheckpointError) as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        runs = np.array(tokens, dtype=np.int64).reshape(-1, 2)
+    except (ValueError, OverflowError):
+        bad = next(t for t in tokens if not _is_int64(t))
+        raise ValueError(f"RLE value {bad[:30]!r} is not an integer that fits in 64 bits") from None
+    return runs[:, 0], runs[:, 1]
+
+
+def _is_int64(token: str) -> bool:
+    try:
+        np.int64(token)
+        return True
+    except (ValueError, OverflowError):
+        return False
+
+
+def _check_runs(starts: np.ndarray, lengths: np.ndarray, n: int, shape: tuple[int, int]) -> None:
+    """Raise ValueError unless every run lies inside the n pixels and the runs are sorted and disjoint."""
+    def first(bad: np.ndarray, why: str) -> None:
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"RLE run {i + 1} ('{starts[i]} {lengths[i]}') {why}")
+
+    first(starts < 1, "starts before pixel 1 (pixels are numbered from 1)")
+    first(lengths < 1, "has a length below 1")
+    # starts and lengths are now in 1..2**63-1; compare without forming start + length, which could overflow.
+    first(lengths > n - starts + 1, f"ends past the last pixel {n} of a {shape[0]}x{shape[1]} mask")
+    # Kaggle requires sorted pairs with no pixel listed twice.
+    overlaps = np.zeros(len(starts), dtype=bool)
+    overlaps[1:] = starts[1:] < starts[:-1] + lengths[:-1]
+    first(overlaps, "starts before the end of the previous run (runs must be sorted and must not overlap)")
 
 
 if __name__ == "__main__":

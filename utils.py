@@ -1,44 +1,125 @@
-"""Checkpoints, segmentation metrics (binary and multi-class), prediction images, training curves and Kaggle's RLE."""
+"""What every program shares: user errors, atomic file writes, CPU counts, checkpoints, devices and
+precision, the Dice/IoU/accuracy metrics, and the pictures and tables a run saves."""
 from __future__ import annotations
 
 import argparse
+import colorsys
+import concurrent.futures
 import contextlib
 import csv
+import json
+import multiprocessing
 import os
 import pickle
+import re
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
 
 from model import UNet
+
+
+# ---------------------------------------------------------------------------------------------
+# Programs: user errors, help, files, CPUs
+# ---------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A problem the user can fix (a flag, a file, a folder), printed as one line that says how, no traceback."""
+
+
+def run_program(run: Callable[[], int | None], status: int = 1) -> int:
+    """run()'s exit status; a UserError is printed as 'error: ...' on stderr and exits with `status`."""
+    try:
+        return run() or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return status
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default (unless it is None/False or the help names it), docstring kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file to write `path` through: a temporary sibling, synced and renamed over `path` only when the block
+    succeeds, so that a kill, an error or a full disk leaves the old file (or none), never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the project's files are not
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write obj as indented JSON, atomically."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (fewer than the machine's under taskset or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parallel_map(function: Callable, jobs: list, workers: int | None = None, chunk: int = 32,
+                 threads: bool = False) -> Iterator:
+    """function over jobs, in order, in `workers` threads or spawned processes (default: one per core)
+    when there are at least `chunk` jobs for each, else in this process.
+
+    Threads suit work that releases the GIL (PIL's decoders do); processes are spawned, never forked,
+    since a fork can copy a lock that another thread (torch's, tqdm's) holds and hang forever.
+    """
+    workers = min(usable_cpus() if workers is None else workers, len(jobs) // chunk)
+    if workers < 2:
+        yield from map(function, jobs)
+    elif threads:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            yield from pool.map(function, jobs)
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            yield from pool.imap(function, jobs, chunksize=chunk)
+
+
+def plural(n: int, word: str) -> str:
+    """plural(1, 'note') -> '1 note', plural(2, 'note') -> '2 notes'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write a checkpoint atomically: a kill or a full disk mid-save leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with weights_only=True, so a pickle that would run code is refused."""
+    """Load a checkpoint (or a run folder's last.pt) with weights_only=True, so a pickle that would run code is refused."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
@@ -82,35 +163,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UN
     return model, state
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with each flag's default (unless it is None/False or the help names it), docstring kept as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 # ---------------------------------------------------------------------------------------------
 # Devices and precision
 # ---------------------------------------------------------------------------------------------
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu; other names are checked."""
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("mps" if mps else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name (try auto, cpu, cuda, cuda:1 or mps)") from None
+        raise UserError(f"--device {name}: not a device name (try auto, cpu, cuda, cuda:1 or mps)") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"--device {name}: no such CUDA device here")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {name}: MPS is not available here")
+        raise UserError(f"--device {name}: no such CUDA device here")
+    if device.type == "mps" and not mps:
+        raise UserError(f"--device {name}: MPS is not available here")
     return device
 
 
@@ -123,15 +192,16 @@ def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | Non
     if device.type == "cuda":
         # GPUs before Ampere only emulate bf16: use fp16 there (with a grad scaler when training).
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if device.type == "cpu" and _cpu_has_native_bf16():
-        return torch.bfloat16  # about 2x faster than fp32 on CPUs with AVX512-BF16 or AMX
-    return None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else None
 
 
-def _cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX; elsewhere oneDNN emulates bf16, slower than fp32."""
-    return any(getattr(torch.cpu, name, lambda: False)()
-               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+def cpu_has_bf16_units() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX (as Linux lists them); elsewhere bf16 is emulated, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -141,11 +211,42 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); starts the process group when launched by torchrun."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over processes in place (nothing to do when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def sync_buffers_from_rank0(net: torch.nn.Module) -> torch.nn.Module:
+    """net, with rank 0's BatchNorm statistics on every rank (each updated its own in training).
+
+    Validation scores with the plain module, not DDP's wrapper, whose forward may broadcast buffers: a
+    collective every rank must join, while ranks may hold different numbers of validation batches.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in net.buffers():
+            dist.broadcast(buffer, src=0)
+    return net
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
 
-class SegmentationMetrics:
+class BinaryMetrics:
     """Dice, IoU and pixel accuracy accumulated over a whole set of binary masks.
 
     Reports both the global scores (sum of intersections over sum of sizes over every pixel of the
@@ -202,13 +303,13 @@ class MulticlassMetrics:
     foreground classes 1..N-1, "dice_all" and "iou_all" the means including background (class 0);
     "class_dice" and "class_iou" list every class. A class absent from both the predictions and the
     targets of the whole set has no score (nan) and is left out of the means. Never averages per-batch
-    values; "mean_dice" and "mean_iou" equal "dice" and "iou" (there is no per-image mean here).
+    values.
     """
 
     def __init__(self, classes: int, ignore_index: int = 255, device: str | torch.device = "cpu"):
         self.classes, self.ignore_index = classes, ignore_index
         # The confusion matrix (target x prediction, flattened), then the image count: one float64
-        # tensor, so ranks can all_reduce it at once as they do SegmentationMetrics.sums.
+        # tensor, so ranks can all_reduce it at once as they do BinaryMetrics.sums.
         self.sums = torch.zeros(classes * classes + 1, dtype=torch.float64, device=device)
 
     @torch.no_grad()
@@ -244,13 +345,12 @@ class MulticlassMetrics:
             "dice_all": mean(dice), "iou_all": mean(iou),
             "class_dice": dice.tolist(), "class_iou": iou.tolist(),
             "acc": hits.sum().item() / pixels if pixels else 0.0,
-            "mean_dice": mean(dice[1:]), "mean_iou": mean(iou[1:]),
             "images": int(self.sums[-1].item()),
         }
 
 
 # ---------------------------------------------------------------------------------------------
-# Prediction images, metrics table and curves
+# Pictures and tables: masks, prediction panels, metrics.csv, curves.png
 # ---------------------------------------------------------------------------------------------
 
 # Class colours: background black, then Sasha Trubetskoy's 20 distinct colours; more classes get hues
@@ -259,11 +359,11 @@ CLASS_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 13
                  (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
                  (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
                  (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128))
+CAR_COLOUR = (255, 45, 85)  # a binary mask's tint in overlays
 
 
 def class_colours(classes: int) -> list[tuple[int, int, int]]:
     """A distinct RGB colour per class index 0..classes-1, class 0 (background) black."""
-    import colorsys
     colours = list(CLASS_COLOURS[:classes])
     for k in range(len(colours), classes):
         r, g, b = colorsys.hsv_to_rgb((k * 0.618034) % 1, 0.75, 0.95)
@@ -277,76 +377,48 @@ def class_palette(classes: int) -> list[int]:
     return [v for colour in colours + [(255, 255, 255)] * (256 - len(colours)) for v in colour]
 
 
-def save_class_png(labels: np.ndarray | torch.Tensor, path: str | Path, classes: int) -> None:
-    """A class-index map as a palette PNG: the pixel values are the class indices, the palette colours them."""
-    from PIL import Image
+def save_mask_png(labels: np.ndarray | torch.Tensor, path: str | Path, classes: int = 1) -> None:
+    """A mask as a PNG, atomically: 0/255 grey for a binary one (classes=1), else a palette PNG whose
+    pixel values are the class indices."""
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
-    image = Image.fromarray(np.asarray(labels).squeeze().astype(np.uint8))
-    image.putpalette(class_palette(classes))  # turns the 'L' image into 'P' with the same indices
-    image.save(path)
+    labels = np.asarray(labels).squeeze()
+    image = Image.fromarray((labels > 0).astype(np.uint8) * 255 if classes == 1 else labels.astype(np.uint8))
+    if classes > 1:
+        image.putpalette(class_palette(classes))  # turns the 'L' image into 'P' with the same indices
+    with atomic_write(path, "wb") as f:
+        image.save(f, format="PNG")
 
 
-def colorize(labels: torch.Tensor, classes: int) -> torch.Tensor:
-    """uint8 (3, H, W) picture of an (H, W) class-index map in the class colours."""
-    lut = torch.tensor(class_palette(classes), dtype=torch.uint8).view(256, 3)
+def colorize(labels: torch.Tensor, classes: int = 1) -> torch.Tensor:
+    """uint8 (3, H, W) picture of an (H, W) mask: white on black for a binary one, else in the class colours."""
+    lut = torch.tensor(class_palette(classes), dtype=torch.uint8).view(256, 3)  # 1 class: black, then white
     return lut[labels.long().clamp(0, 255)].permute(2, 0, 1)
 
 
-def overlay_classes(image: torch.Tensor, labels: torch.Tensor, classes: int, alpha: float = 0.45) -> torch.Tensor:
-    """uint8 (3, H, W) image with each foreground class of an (H, W) label map tinted in its colour."""
+def overlay(image: torch.Tensor, labels: torch.Tensor, classes: int = 1, alpha: float = 0.45) -> torch.Tensor:
+    """uint8 (3, H, W) image with an (H, W) binary mask, or each foreground class of a label map, tinted over it."""
     from torchvision.utils import draw_segmentation_masks
+    if classes == 1:
+        return draw_segmentation_masks(image, labels.bool()[None], alpha=alpha, colors=[CAR_COLOUR])
     masks = torch.stack([labels == k for k in range(1, classes)])  # background stays untinted
     return draw_segmentation_masks(image, masks, alpha=alpha, colors=class_colours(classes)[1:])
-
-
-def save_mask_png(mask: np.ndarray | torch.Tensor, path: str | Path) -> None:
-    """A binary mask as a single-channel PNG: 0 background, 255 foreground."""
-    from PIL import Image
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    Image.fromarray((np.asarray(mask).squeeze() > 0).astype(np.uint8) * 255, mode="L").save(path)
-
-
-def overlay(image: torch.Tensor, mask: torch.Tensor, color: str = "#ff2d55", alpha: float = 0.45) -> torch.Tensor:
-    """uint8 (3, H, W) image with a boolean (H, W) mask tinted over it."""
-    from torchvision.utils import draw_segmentation_masks
-    return draw_segmentation_masks(image, mask.bool(), alpha=alpha, colors=color)
-
-
-def save_labels_png(labels: np.ndarray | torch.Tensor, path: str | Path, classes: int = 1) -> None:
-    """A predicted mask as a PNG: 0/255 for a binary one (classes=1), else a palette PNG of the class indices."""
-    if classes == 1:
-        save_mask_png(labels, path)
-    else:
-        save_class_png(labels, path, classes)
-
-
-def overlay_labels(image: torch.Tensor, labels: torch.Tensor, classes: int = 1) -> torch.Tensor:
-    """uint8 (3, H, W) image with a boolean (H, W) mask (classes=1), or each foreground class of a label map, tinted."""
-    return overlay(image, labels) if classes == 1 else overlay_classes(image, labels, classes)
 
 
 def save_prediction_images(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
                            names: Sequence[str], out_dir: str | Path, classes: int = 1) -> None:
     """For each image write NAME_pred.png (the mask) and NAME_panel.png: image | truth | prediction | overlay.
 
-    Binary (classes=1): boolean (N, 1, H, W) targets and predictions, NAME_pred.png 0/255. Otherwise
-    (N, H, W) class indices, NAME_pred.png a palette PNG of them, the panels in class colours.
+    targets and preds hold one (H, W) mask per image: booleans for a binary model, else class indices.
     """
     from torchvision.utils import make_grid, save_image
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for image, target, pred, name in zip(images.cpu(), targets.cpu(), preds.cpu(), names):
         image_u8 = (image.clamp(0, 1) * 255).round().to(torch.uint8).expand(3, -1, -1).clone()  # grey -> RGB
-        labels = pred.squeeze(0).bool() if classes == 1 else pred
-        save_labels_png(labels, out_dir / f"{name}_pred.png", classes)
-        if classes == 1:
-            as_rgb = lambda m: m.squeeze(0).bool().expand(3, -1, -1).to(torch.uint8) * 255
-            truth_rgb, pred_rgb = as_rgb(target), as_rgb(pred)
-        else:
-            truth_rgb, pred_rgb = colorize(target, classes), colorize(pred, classes)
-        panel = [image_u8, truth_rgb, pred_rgb, overlay_labels(image_u8, labels, classes)]
+        target, pred = target.reshape(image.shape[-2:]), pred.reshape(image.shape[-2:])
+        save_mask_png(pred, out_dir / f"{name}_pred.png", classes)
+        panel = [image_u8, colorize(target, classes), colorize(pred, classes), overlay(image_u8, pred, classes)]
         grid = make_grid(torch.stack(panel).float() / 255, nrow=4, padding=4, pad_value=1.0)
         save_image(grid, out_dir / f"{name}_panel.png")
 
@@ -355,14 +427,11 @@ METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val
 
 
 def write_metrics_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Rewrite the per-epoch metrics table (atomically, so a kill never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    """Rewrite the per-epoch metrics table, atomically."""
+    with atomic_write(path) as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, Any]]:
@@ -383,86 +452,13 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss (BCE + soft Dice)", title="Loss")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_loss.legend()
     ax_dice.plot(epochs, [r["val_dice"] for r in rows], "o-", color="tab:green")
     ax_dice.set(xlabel="epoch", ylabel="Dice", title="Validation Dice (training size)")
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------
-# Kaggle's run-length encoding
-# ---------------------------------------------------------------------------------------------
-# Kaggle numbers pixels from 1, row by row (row-major over the (1280, 1918) array, as in
-# train_masks.csv), and writes "start length" pairs separated by spaces; an empty mask is "".
-
-def rle_encode(mask: np.ndarray) -> str:
-    """Kaggle's run-length encoding of a 2-D mask (nonzero = foreground); "" for an empty mask."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"rle_encode expects a 2-D (height, width) mask, got shape {mask.shape}")
-    # Pad with background on both ends so every run has a start and an end transition.
-    pixels = np.zeros(mask.size + 2, dtype=bool)
-    np.not_equal(mask.ravel(), 0, out=pixels[1:-1])
-    # A transition pixels[i] != pixels[i + 1] sits at 0-based mask pixel i; + 1 makes it the 1-based
-    # number of a run's first pixel (a start) or of the pixel just past its last (an end).
-    runs = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1
-    runs[1::2] -= runs[::2]  # ends -> lengths
-    return " ".join(map(str, runs.tolist()))
-
-
-def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
-    """uint8 {0, 1} mask of shape (height, width) from Kaggle's run-length encoding."""
-    height, width = (int(v) for v in shape)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"rle_decode: shape must be two positive sizes, got {tuple(shape)}")
-    n = height * width
-    starts, lengths = _parse_runs(rle)
-    _check_runs(starts, lengths, n, (height, width))
-    # +1 at each run's first pixel, -1 one past its last (0-based); the running sum is the mask.
-    delta = np.zeros(n + 1, dtype=np.int8)
-    np.add.at(delta, starts - 1, 1)
-    np.add.at(delta, starts - 1 + lengths, -1)
-    return np.cumsum(delta[:-1], dtype=np.int8).view(np.uint8).reshape(height, width)
-
-
-def _parse_runs(rle: str) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, lengths) as int64 arrays; ValueError unless rle is whitespace-separated integer pairs."""
-    tokens = rle.split()
-    if len(tokens) % 2:
-        raise ValueError(f"RLE has an odd number of values ({len(tokens)}): expected 'start length' pairs")
-    try:
-        runs = np.array(tokens, dtype=np.int64).reshape(-1, 2)
-    except (ValueError, OverflowError):
-        bad = next(t for t in tokens if not _is_int64(t))
-        raise ValueError(f"RLE value {bad[:30]!r} is not an integer that fits in 64 bits") from None
-    return runs[:, 0], runs[:, 1]
-
-
-def _is_int64(token: str) -> bool:
-    try:
-        np.int64(token)
-        return True
-    except (ValueError, OverflowError):
-        return False
-
-
-def _check_runs(starts: np.ndarray, lengths: np.ndarray, n: int, shape: tuple[int, int]) -> None:
-    """Raise ValueError unless every run lies inside the n pixels and the runs are sorted and disjoint."""
-    def first(bad: np.ndarray, why: str) -> None:
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"RLE run {i + 1} ('{starts[i]} {lengths[i]}') {why}")
-
-    first(starts < 1, "starts before pixel 1 (pixels are numbered from 1)")
-    first(lengths < 1, "has a length below 1")
-    # starts and lengths are now in 1..2**63-1; compare without forming start + length, which could overflow.
-    first(lengths > n - starts + 1, f"ends past the last pixel {n} of a {shape[0]}x{shape[1]} mask")
-    # Kaggle requires sorted pairs with no pixel listed twice.
-    overlaps = np.zeros(len(starts), dtype=bool)
-    overlaps[1:] = starts[1:] < starts[:-1] + lengths[:-1]
-    first(overlaps, "starts before the end of the previous run (runs must be sorted and must not overlap)")

@@ -161,7 +161,7 @@ def main() -> None:
         rows.append(dice_summary_row(runs))
     header = ["measurement", *sides, *(["speed-up: baseline / project (median of repeats)"] if "baseline" in sides else [])]
     info["load_average_end"] = common.load_average()
-    epochs = train.parse_args(opts.train_flags).epochs if "--epochs" in opts.train_flags else 1
+    epochs = train.parse_args(opts.train_flags)[0].epochs if "--epochs" in opts.train_flags else 1
     print(f"train.py for {epochs} epoch{'s' if epochs > 1 else ''} on {n_images} images ({opts.cars or 'all'} cars, "
           f"{opts.val_cars} for validation) at "
           f"{opts.height}x{opts.width}, batch {opts.batch_size}, UNet {opts.features}; median of {opts.repeats}\n"

@@ -12,6 +12,7 @@ A stage profile (CPU ms per image) shows where the decode time goes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -34,17 +35,22 @@ def project_args(height: int, width: int, batch_size: int, workers: int | None,
                  features: Sequence[int] = (64, 128, 256, 512)) -> argparse.Namespace:
     """train.py's settings for this size, batch, width and workers, every other flag at its default."""
     workers_argv = [] if workers is None else ["--workers", str(workers)]
-    return train.parse_args([*_shape_argv(height, width, batch_size, features), *workers_argv])
+    return train.parse_args([*_shape_argv(height, width, batch_size, features), *workers_argv])[0]
 
 
 def baseline_args(args: argparse.Namespace) -> argparse.Namespace:
     """The plain baseline: fp32, NCHW, loading in the main process, no cache (train.py's flags)."""
-    return train.parse_args([*_shape_argv(args.height, args.width, args.batch_size, args.features), *BASELINE_FLAGS])
+    return train.parse_args([*_shape_argv(args.height, args.width, args.batch_size, args.features), *BASELINE_FLAGS])[0]
 
 
 def _shape_argv(height: int, width: int, batch_size: int, features: Sequence[int]) -> list[str]:
     return ["--height", str(height), "--width", str(width), "--batch-size", str(batch_size),
             "--features", *map(str, features)]
+
+
+def setup_on(args: argparse.Namespace, device: torch.device) -> train.Setup:
+    """train.py's set-up for these flags, on the benchmark's device."""
+    return dataclasses.replace(train.Setup.create(args), device=device)
 
 
 def children_cpu_seconds() -> float:
@@ -85,8 +91,8 @@ def measure_loaders(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace
     results = []
     for _ in range(n_pairs):
         with plain_decode():
-            base = time_epoch(train.make_loader(pairs, plain, True, 0, 1, device), 1, 0)
-        loader = train.make_loader(pairs, args, True, 0, 1, device)
+            base = time_epoch(train.make_loader(pairs, plain, setup_on(plain, device), train=True), 1, 0)
+        loader = train.make_loader(pairs, args, setup_on(args, device), train=True)
         disk = time_epoch(loader, 1, args.workers)
         cached = time_epoch(loader, 2, args.workers)  # the same workers, now reading the shared cache
         del loader  # ends the persistent workers before the next pair

@@ -1,4 +1,4 @@
-"""Time utils.rle_encode on a Carvana-size (1280x1918) car-like mask: median of 20 runs, in ms.
+"""Time predict.rle_encode on a Carvana-size (1280x1918) car-like mask: median of 20 runs, in ms.
 
     python benchmarks/bench_rle.py
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from utils import rle_encode  # noqa: E402
+from predict import rle_encode  # noqa: E402
 
 HEIGHT, WIDTH = 1280, 1918
 RUNS = 20

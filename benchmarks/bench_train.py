@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --height 1280 --width 1918      # full Carvana size (the UNet pads)
 
 Both sides train the same UNet on the same fixed batch held in memory (pure compute) with
-train.train_step and train.make_optimizer:
+train.train_step and train.Optimization:
   baseline: fp32, NCHW, no autocast;
   project:  train.py's defaults for the device (bf16 autocast where utils.autocast_dtype picks it,
             channels_last), and with --compile, torch.compile as train.py --compile does.
@@ -27,6 +27,7 @@ import dataset as ds
 import train
 import utils
 from model import UNet
+from task import bce_dice_loss
 
 VARIANTS = ("baseline", "project")
 
@@ -51,14 +52,13 @@ def measure_steps(opts: argparse.Namespace, variant: str) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
     model = UNet(features=args.features).to(device, memory_format=memory_format)
-    optimizer = train.make_optimizer(model, args, device)
+    opt = train.Optimization.create(model, args, device, steps_per_epoch=opts.warmup + opts.steps)
     if opts.compile and variant == "project":
         model = torch.compile(model)  # as train.py --compile; the warm-up steps pay for compiling
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model.train()
 
     def step() -> None:
-        train.train_step(model, images, masks, optimizer, scaler, device, amp_dtype, args.clip_grad)
+        train.train_step(model, images, masks, opt, amp_dtype, args.clip_grad, bce_dice_loss)
 
     for _ in range(opts.warmup):
         common.timed(step, device)

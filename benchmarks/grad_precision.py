@@ -24,13 +24,14 @@ import dataset as ds
 import train
 import utils
 from model import UNet
+from task import bce_dice_loss
 
 Gradients = dict[str, torch.Tensor]
 
 
 def batch_of(pairs: Sequence[tuple[Path, Path]], height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, masks) of these pairs through the training transforms, augmented reproducibly."""
-    data = ds.CarvanaDataset(pairs, height, width, ds.train_transforms(height, width))
+    data = ds.SegmentationDataset(pairs, height, width, ds.train_transforms(height, width))
     images, masks = zip(*(data[(i, seed + i)] for i in range(len(pairs))))
     return torch.stack(images), torch.stack(masks)
 
@@ -43,7 +44,7 @@ def gradients(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], 
     images = batch[0].to(device, memory_format=memory_format)
     with utils.autocast(device, amp_dtype):
         logits = model(images)
-    train.bce_dice_loss(logits, batch[1].to(device)).backward()
+    bce_dice_loss(logits, batch[1].to(device)).backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 

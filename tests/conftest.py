@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import dataset as ds  # noqa: E402
+import synthetic  # noqa: E402
 
 SHARED_CARVANA = ROOT.parent / "shared" / "carvana"
 
@@ -17,7 +17,7 @@ SHARED_CARVANA = ROOT.parent / "shared" / "carvana"
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A small synthetic Carvana-format dataset: 4 cars x 16 views at 96x64."""
-    return ds.generate_synthetic(tmp_path_factory.mktemp("synthetic") / "data", cars=4, size=(96, 64), seed=1)
+    return synthetic.generate_synthetic(tmp_path_factory.mktemp("synthetic") / "data", cars=4, size=(96, 64), seed=1)
 
 
 def needs_shared_carvana():

@@ -13,8 +13,8 @@ from carvana_files import write_tiny_carvana
 
 def test_second_epoch_reads_nothing_from_disk_with_two_workers(tmp_path):
     data = write_tiny_carvana(tmp_path / "data", cars=2)
-    args = train.parse_args(["--height", "32", "--width", "48", "--batch-size", "4", "--workers", "2"])
-    loader = train.make_loader(ds.find_pairs(data), args, True, 0, 1, torch.device("cpu"))
+    args, _ = train.parse_args(["--height", "32", "--width", "48", "--batch-size", "4", "--workers", "2"])
+    loader = train.make_loader(ds.find_pairs(data), args, train.Setup.create(args), train=True)
     loader.sampler.set_epoch(1)
     first = sum(images.shape[0] for images, _ in loader)
     shutil.rmtree(data)  # a worker that has to decode again now fails
@@ -26,8 +26,8 @@ def test_second_epoch_reads_nothing_from_disk_with_two_workers(tmp_path):
 def test_cached_pair_equals_decoded_pair_and_is_a_copy(tmp_path):
     data = write_tiny_carvana(tmp_path / "data", cars=1)
     pairs = ds.find_pairs(data)
-    cached = ds.CarvanaDataset(pairs, 32, 48, cache=True)
-    plain = ds.CarvanaDataset(pairs, 32, 48)
+    cached = ds.SegmentationDataset(pairs, 32, 48, cache=True)
+    plain = ds.SegmentationDataset(pairs, 32, 48)
     first = cached.load(3)
     first[0][:] = 0  # an augmentation writing into what it got must not change the cache
     for got, want in zip(cached.load(3), plain.load(3)):
@@ -48,12 +48,12 @@ class _OpenCVThreads(torch.utils.data.Dataset):
 def test_training_loader_workers_run_opencv_single_threaded(tmp_path):
     import cv2
     data = write_tiny_carvana(tmp_path / "data", cars=1)
-    args = train.parse_args(["--height", "32", "--width", "48", "--workers", "1"])
+    args, _ = train.parse_args(["--height", "32", "--width", "48", "--workers", "1"])
     threads = cv2.getNumThreads()
     cv2.setNumThreads(4)
     try:
         cv2.warpAffine(np.zeros((512, 512), np.uint8), np.eye(2, 3), (512, 512))  # the pool in use, as after --workers 0
-        train.make_loader(ds.find_pairs(data), args, True, 0, 1, torch.device("cpu"))
+        train.make_loader(ds.find_pairs(data), args, train.Setup.create(args), train=True)
         # Its workers fork from this process: they must see one thread, and must not hang getting there.
         probe = torch.utils.data.DataLoader(_OpenCVThreads(), num_workers=1, timeout=60)
         assert [int(n) for n in probe] == [1, 1]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import check_dataset
 import dataset as ds
 import predict
 import utils
@@ -18,7 +19,7 @@ pytestmark = needs_shared_carvana()
 
 
 def test_real_pairs_pass_the_check_and_split_by_car():
-    report = ds.check_dataset(SHARED_CARVANA, cache=False, progress=False)
+    report = check_dataset.check_dataset(SHARED_CARVANA, cache=False, progress=False)
     assert report.ok and len(report.pairs) == 512
     train, val = ds.split_by_group(report.pairs, 4, seed=0)
     assert len(val) == 4 and len(train) == 28 and not set(train) & set(val)
@@ -41,4 +42,4 @@ def test_predict_writes_full_resolution_masks_and_a_submission_that_decodes_to_t
     for photo, (_, rle) in zip(photos, rows[1:]):
         mask = np.asarray(Image.open(out / f"{photo.stem}_mask.png"))
         assert mask.shape == (1280, 1918) and set(np.unique(mask)) <= {0, 255}
-        assert np.array_equal(utils.rle_decode(rle, mask.shape), mask > 0)
+        assert np.array_equal(predict.rle_decode(rle, mask.shape), mask > 0)

@@ -1,12 +1,17 @@
 """The dataset check: every kind of bad file is named with its problem, notes don't fail, the cache works."""
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import check_dataset as cd
 import dataset as ds
+from utils import UserError
 
 SIZE = (32, 24)  # width, height
 GREY_PALETTE = [v for i in range(256) for v in (i, i, i)]
@@ -59,8 +64,8 @@ def mask_of(data: Path, index: int = 0) -> Path:
 
 
 def run_check(data: Path, capsys, *flags: str) -> tuple[int, list[str]]:
-    """Exit status and output lines of `python dataset.py check DIR`."""
-    code = ds.main(["check", str(data), *flags])
+    """Exit status and output lines of `python check_dataset.py DIR`."""
+    code = cd.main([str(data), *flags])
     return code, capsys.readouterr().out.splitlines()
 
 
@@ -75,7 +80,7 @@ def assert_error(data: Path, capsys, path: Path, *words: str) -> str:
 
 
 def test_a_good_dataset_passes(data, capsys):
-    report = ds.check_dataset(data, progress=False)
+    report = cd.check_dataset(data, progress=False)
     assert report.ok and report.skipped == 0 and not report.notes
     assert report.pairs == ds.find_pairs(data)
     code, lines = run_check(data, capsys)
@@ -86,7 +91,7 @@ def test_photo_without_mask(data, capsys):
     mask_of(data, 1).unlink()
     line = assert_error(data, capsys, photo(data, 1), "no mask", mask_of(data, 1).name)
     assert "add the mask or delete the photo" in line
-    report = ds.check_dataset(data, progress=False)
+    report = cd.check_dataset(data, progress=False)
     assert len(report.pairs) == 3 and report.skipped == 1
     assert report.summary() == "4 pairs checked: 3 good, 1 error, 0 notes"
 
@@ -94,7 +99,7 @@ def test_photo_without_mask(data, capsys):
 def test_mask_without_photo(data, capsys):
     orphan = write_mask(data / "train_masks" / "00000000000f_01_mask.gif")
     assert_error(data, capsys, orphan, "no photo", "00000000000f_01.jpg")
-    assert len(ds.check_dataset(data, progress=False).pairs) == 4  # the photos themselves are fine
+    assert len(cd.check_dataset(data, progress=False).pairs) == 4  # the photos themselves are fine
 
 
 def test_truncated_jpeg(data, capsys):
@@ -193,7 +198,7 @@ def test_photo_modes_are_noted_and_loaded_as_rgb(data, capsys, write, mode, word
     assert lines[0] == "4 pairs checked: 4 good, 0 errors, 1 note"
     assert lines[1].startswith("note:") and str(photo(data, 1)) in lines[1]
     assert words in lines[1] and mode[:1] in lines[1]
-    assert len(ds.check_dataset(data, progress=False).pairs) == 4
+    assert len(cd.check_dataset(data, progress=False).pairs) == 4
     for size in (None, (12, 16)):
         image = ds.load_image(photo(data, 1), size)
         assert image.dtype == np.uint8 and image.shape == (*(size or (SIZE[1], SIZE[0])), 3)
@@ -230,8 +235,8 @@ def test_hidden_files_are_ignored(data, capsys):
 def test_no_traceback_when_pil_raises_something_unexpected(data, monkeypatch):
     def broken(img):
         raise SyntaxError("not a GIF file")
-    monkeypatch.setattr(ds, "decode_mask_values", broken)
-    report = ds.check_dataset(data, cache=False, progress=False)
+    monkeypatch.setattr(cd, "decode_mask_values", broken)
+    report = cd.check_dataset(data, cache=False, progress=False)
     assert len(report.errors) == 4 and "SyntaxError: not a GIF file" in report.errors[0]
 
 
@@ -240,56 +245,56 @@ def refuse_to_decode(img):
 
 
 def test_second_run_uses_the_cache(data, monkeypatch):
-    first = ds.check_dataset(data, progress=False)
-    assert (data / ds.CHECK_CACHE_NAME).is_file()
-    monkeypatch.setattr(ds, "decode_mask_values", refuse_to_decode)
-    assert ds.check_dataset(data, progress=False) == first
+    first = cd.check_dataset(data, progress=False)
+    assert (data / cd.CHECK_CACHE_NAME).is_file()
+    monkeypatch.setattr(cd, "decode_mask_values", refuse_to_decode)
+    assert cd.check_dataset(data, progress=False) == first
 
 
 def test_bad_verdicts_are_cached_too(data, monkeypatch):
     write_mask(mask_of(data, 1), extra=7, palette=GREY_PALETTE)
-    first = ds.check_dataset(data, progress=False)
-    monkeypatch.setattr(ds, "decode_mask_values", refuse_to_decode)
-    assert ds.check_dataset(data, progress=False) == first and len(first.errors) == 1
+    first = cd.check_dataset(data, progress=False)
+    monkeypatch.setattr(cd, "decode_mask_values", refuse_to_decode)
+    assert cd.check_dataset(data, progress=False) == first and len(first.errors) == 1
 
 
 def test_a_modified_file_is_checked_again(data, monkeypatch):
-    assert ds.check_dataset(data, progress=False).ok
+    assert cd.check_dataset(data, progress=False).ok
     victim = mask_of(data, 3)
     mtime_ns = victim.stat().st_mtime_ns
     write_mask(victim, extra=7, palette=GREY_PALETTE)
     os.utime(victim, ns=(mtime_ns, mtime_ns + 10**9))  # a later mtime even on coarse clocks
-    report = ds.check_dataset(data, progress=False)
+    report = cd.check_dataset(data, progress=False)
     assert len(report.errors) == 1 and str(victim) in report.errors[0] and "7" in report.errors[0]
 
 
 def test_a_touched_file_is_decoded_again_and_only_it(data, monkeypatch):
-    ds.check_dataset(data, progress=False)
+    cd.check_dataset(data, progress=False)
     victim = mask_of(data, 0)
     stat = victim.stat()
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, new mtime
     decoded = []
-    real = ds.decode_mask_values
-    monkeypatch.setattr(ds, "decode_mask_values", lambda img: decoded.append(img) or real(img))
-    assert ds.check_dataset(data, progress=False).ok
+    real = cd.decode_mask_values
+    monkeypatch.setattr(cd, "decode_mask_values", lambda img: decoded.append(img) or real(img))
+    assert cd.check_dataset(data, progress=False).ok
     assert len(decoded) == 1
 
 
 def test_no_cache_flag_neither_reads_nor_writes(data, capsys):
     assert run_check(data, capsys, "--no-cache")[0] == 0
-    assert not (data / ds.CHECK_CACHE_NAME).exists()
+    assert not (data / cd.CHECK_CACHE_NAME).exists()
 
 
 def test_read_only_dataset_caches_under_home(data, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     data.chmod(0o555)
     try:
-        assert ds.check_dataset(data, progress=False).ok
-        assert not (data / ds.CHECK_CACHE_NAME).exists()
+        assert cd.check_dataset(data, progress=False).ok
+        assert not (data / cd.CHECK_CACHE_NAME).exists()
         cached = list((tmp_path / "home" / ".cache" / "carvana-unet").glob("check-*.json"))
         assert len(cached) == 1
-        monkeypatch.setattr(ds, "decode_mask_values", refuse_to_decode)
-        assert ds.check_dataset(data, progress=False).ok
+        monkeypatch.setattr(cd, "decode_mask_values", refuse_to_decode)
+        assert cd.check_dataset(data, progress=False).ok
     finally:
         data.chmod(0o755)
 
@@ -300,9 +305,73 @@ def test_checking_in_threads_gives_the_same_verdicts(tmp_path):
     write_mask(mask_of(data, 5), extra=7, palette=GREY_PALETTE)
     photo(data, 30).write_bytes(photo(data, 30).read_bytes()[:200])  # truncated
     images, masks = ds.list_images(data), set(ds.list_masks(data))
-    rule = ds.mask_rule(1, 255)
-    alone = ds.inspect_files(data, images, masks, cache=False, progress=False, rule=rule, workers=1)
-    forked = ds.inspect_files(data, images, masks, cache=False, progress=False, rule=rule, workers=2)
+    rule = cd.mask_rule(1, 255)
+    alone = cd.inspect_files(data, images, masks, cache=False, progress=False, rule=rule, workers=1)
+    forked = cd.inspect_files(data, images, masks, cache=False, progress=False, rule=rule, workers=2)
     assert forked == alone and list(forked) == list(alone)
     bad = {path for path, verdict in forked.items() if verdict.problem}
     assert bad == {mask_of(data, 5), photo(data, 30)}
+
+
+def test_an_outdated_or_corrupt_cache_is_ignored_and_rewritten(data):
+    cache = data / cd.CHECK_CACHE_NAME
+    for junk in ('{"version": 1, "files": {"train/000000000000_01.jpg": {"bytes": 0}}}', "{not json"):
+        cache.write_text(junk)
+        assert cd.check_dataset(data, progress=False).ok
+        assert json.loads(cache.read_text())["version"] == cd.CHECK_CACHE_VERSION
+
+
+def test_usable_pairs_of_a_good_dataset(data, capsys):
+    assert cd.usable_pairs(data) == ds.find_pairs(data)
+    assert capsys.readouterr().err == ""
+
+
+def test_usable_pairs_refuses_errors_unless_skip_bad(data, capsys):
+    write_mask(mask_of(data, 1), extra=7, palette=GREY_PALETTE)
+    with pytest.raises(UserError, match="4 pairs checked: 3 good, 1 error.*--skip-bad to train on the 3 good pairs"):
+        cd.usable_pairs(data)
+    assert f"error: {mask_of(data, 1)}: values {{0, 1, 7}}" in capsys.readouterr().err
+    good = cd.usable_pairs(data, skip_bad=True)
+    assert good == [pair for i, pair in enumerate(ds.find_pairs(data)) if i != 1]
+    assert "--skip-bad: training on 3 good pairs, leaving out 1 image(s)" in capsys.readouterr().err
+    assert cd.usable_pairs(data, skip_bad=True, announce=False) == good  # the other processes of a run stay quiet
+    assert capsys.readouterr().err == ""
+
+
+def test_usable_pairs_lists_the_first_ten_errors_and_refuses_no_pairs(data, capsys):
+    for car in range(12):
+        write_mask(data / "train_masks" / f"{0xf00 + car:012x}_01_mask.gif")  # orphans
+    assert len(cd.usable_pairs(data, skip_bad=True)) == 4
+    err = capsys.readouterr().err.splitlines()
+    assert sum(line.startswith("error: ") for line in err) == 10
+    assert f"... and 2 more errors: python check_dataset.py {data} lists them all" in err
+    for image in (data / "train").iterdir():
+        image.unlink()
+    with pytest.raises(UserError, match="no usable image/mask pairs"):
+        cd.usable_pairs(data, skip_bad=True)
+
+
+def test_the_program_names_every_broken_file(tmp_path):
+    data = make_dataset(tmp_path / "data", cars=4, views=2)
+    truncated, empty = photo(data, 0), photo(data, 1)
+    truncated.write_bytes(truncated.read_bytes()[:truncated.stat().st_size // 2])
+    empty.write_bytes(b"")
+    bad_values, wrong_size = write_mask(mask_of(data, 2), extra=7, palette=GREY_PALETTE), mask_of(data, 3)
+    write_mask(wrong_size, size=(16, 12))
+    mask_of(data, 4).unlink()
+    orphan = write_mask(data / "train_masks" / "00000000000f_01_mask.gif")
+    broken = [truncated, empty, bad_values, wrong_size, photo(data, 4), orphan]
+    run = subprocess.run([sys.executable, "check_dataset.py", str(data)], cwd=Path(cd.__file__).parent,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "8 pairs checked: 3 good, 6 errors, 0 notes"
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 6
+    for path in broken:
+        assert sum(line.startswith(f"error: {path}: ") for line in errors) == 1, (path, errors)
+    for good in range(5, 8):
+        assert not any(photo(data, good).name in line for line in errors)
+    usage = subprocess.run([sys.executable, "check_dataset.py", "--help"], cwd=Path(cd.__file__).parent,
+                           capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: check_dataset.py") and "--classes" in usage.stdout

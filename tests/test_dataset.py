@@ -65,13 +65,13 @@ def test_car_id_from_kaggle_names():
 
 def test_dataset_items_are_resized_tensors_with_binary_masks(synthetic_dir):
     pairs = ds.find_pairs(synthetic_dir)
-    data = ds.CarvanaDataset(pairs, 32, 48, ds.train_transforms(32, 48))
+    data = ds.SegmentationDataset(pairs, 32, 48, ds.train_transforms(32, 48))
     image, mask = data[(0, 123)]
     assert image.shape == (3, 32, 48) and image.dtype == torch.float32
     assert 0 <= image.min() and image.max() <= 1
     assert mask.shape == (1, 32, 48)
     assert 0 <= mask.min() and mask.max() <= 1
-    hard = ds.CarvanaDataset(pairs, 32, 48, ds.train_transforms(32, 48), soft_masks=False)
+    hard = ds.SegmentationDataset(pairs, 32, 48, ds.train_transforms(32, 48), soft_masks=False)
     assert set(hard[(0, 123)][1].unique().tolist()) <= {0.0, 1.0}
     again, _ = data[(0, 123)]
     assert torch.equal(image, again)  # the same seed gives the same augmentation
@@ -94,7 +94,7 @@ def test_mask_loads_as_zero_one_from_kaggle_palette_gif(tmp_path):
 
 def test_validation_transform_does_not_augment(synthetic_dir):
     pairs = ds.find_pairs(synthetic_dir)
-    data = ds.CarvanaDataset(pairs, 32, 48, ds.val_transforms(32, 48))
+    data = ds.SegmentationDataset(pairs, 32, 48, ds.val_transforms(32, 48))
     a, _ = data[(0, 1)]
     b, _ = data[(0, 2)]
     assert torch.equal(a, b)

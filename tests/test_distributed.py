@@ -1,7 +1,8 @@
 """DistributedDataParallel on CPU: 2 processes on gloo train in lockstep and score each validation image once.
 
-Each rank runs train.main in a process of its own (as torchrun would start it); recorders wrapped
-around train_one_epoch and evaluate save what every rank holds, so the test can compare ranks.
+Each rank runs train.main (or evaluate.main) in a process of its own (as torchrun would start it);
+recorders wrapped around train_one_epoch and the evaluations save what every rank holds, so the test
+can compare ranks.
 """
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import evaluate
 import train
 from carvana_files import write_tiny_carvana
 
@@ -28,45 +29,46 @@ TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--epochs", "
 TIMEOUT_S = 120
 
 
-def recorders(record_dir: Path, rank: int) -> dict[str, Callable]:
-    """Wrappers of train.train_one_epoch and train.evaluate that save each rank's weights and metrics."""
-    train_one_epoch, evaluate, evaluate_resolutions = train.train_one_epoch, train.evaluate, train.evaluate_resolutions
+def record(record_dir: Path, rank: int) -> None:
+    """Wrap train.train_one_epoch, train.evaluate and evaluate.py's evaluation to save each rank's weights and metrics."""
+    train_one_epoch, validate = train.train_one_epoch, train.evaluate
+    evaluate_sizes = evaluate.evaluate_at_training_and_original_size
 
     def recording_train_one_epoch(model, *args, **kwargs):
         loss = train_one_epoch(model, *args, **kwargs)
-        torch.save(dict(train.unwrap(model).named_parameters()), record_dir / f"params-{rank}.pt")
+        module = getattr(model, "module", model)  # inside DDP's wrapper
+        torch.save(dict(module.named_parameters()), record_dir / f"params-{rank}.pt")
         return loss
 
     def recording_evaluate(*args, **kwargs):
-        metrics = evaluate(*args, **kwargs)
+        metrics = validate(*args, **kwargs)
         (record_dir / f"metrics-{rank}.json").write_text(json.dumps(metrics))
         return metrics
 
-    def recording_evaluate_resolutions(*args, **kwargs):  # what --evaluate scores
-        results = evaluate_resolutions(*args, **kwargs)
+    def recording_evaluate_sizes(*args, **kwargs):
+        results = evaluate_sizes(*args, **kwargs)
         (record_dir / f"metrics-{rank}.json").write_text(json.dumps(results[("training", False)]))
         return results
 
-    return {"train_one_epoch": recording_train_one_epoch, "evaluate": recording_evaluate,
-            "evaluate_resolutions": recording_evaluate_resolutions}
+    train.train_one_epoch, train.evaluate = recording_train_one_epoch, recording_evaluate
+    evaluate.evaluate_at_training_and_original_size = recording_evaluate_sizes
 
 
-def _rank_main(rank: int, argv: list[str], port: int, record_dir: str) -> None:
+def _rank_main(rank: int, program: str, argv: list[str], port: int, record_dir: str) -> None:
     """One process of the group, set up the way torchrun sets up each of its processes."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks share this machine's cores
-    for name, wrapper in recorders(Path(record_dir), rank).items():
-        setattr(train, name, wrapper)
-    code = train.main(argv)
+    record(Path(record_dir), rank)
+    code = {"train": train.main, "evaluate": evaluate.main}[program](argv)
     if code != 0:
         raise SystemExit(code)
 
 
-def run_distributed(argv: list[str], record_dir: Path) -> None:
-    """train.main(argv) on WORLD_SIZE processes; fails (instead of hanging) if they do not finish."""
+def run_distributed(argv: list[str], record_dir: Path, program: str = "train") -> None:
+    """train.main(argv) (or evaluate.main) on WORLD_SIZE processes; fails (instead of hanging) if they do not finish."""
     record_dir.mkdir(parents=True, exist_ok=True)
-    context = mp.start_processes(_rank_main, args=(argv, free_port(), str(record_dir)), nprocs=WORLD_SIZE,
+    context = mp.start_processes(_rank_main, args=(program, argv, free_port(), str(record_dir)), nprocs=WORLD_SIZE,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):
@@ -109,18 +111,18 @@ def assert_same_metrics(distributed: dict[str, float], single: dict[str, float],
     """Every image scored once (15, not 16), and the reduced sums give the single-process numbers."""
     assert distributed["images"] == single["images"] == images
     for key in ("dice", "iou", "acc", "mean_dice", "mean_iou", "loss"):
-        if key in distributed:  # --evaluate's full-resolution pass reports no loss
+        if key in distributed:  # evaluate.py reports no loss
             assert distributed[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
 
 
 def evaluate_single_process(data: Path, run: Path) -> dict[str, float]:
     """train.evaluate of run/last.pt on its validation cars in this process, with no process group."""
     state = train.utils.load_checkpoint(run / "last.pt")
-    args = train.parse_args(["--data-dir", str(data), *TINY])
+    args, _ = train.parse_args(["--data-dir", str(data), *TINY])
     model = train.utils.model_from_checkpoint(state).to(memory_format=torch.channels_last)
     pairs = train.ds.pairs_of_groups(train.ds.find_pairs(data), state["split"]["val"])
-    loader = train.make_loader(pairs, args, False, 0, 1, torch.device("cpu"))
-    return train.evaluate(model, loader, torch.device("cpu"), None, show_progress=False, task=train.make_task(args))
+    setup = train.Setup.create(args)
+    return train.evaluate(model, train.make_loader(pairs, args, setup, train=False), setup)
 
 
 def test_validation_during_distributed_training_matches_single_process(ddp_run, tmp_path, monkeypatch):
@@ -133,8 +135,8 @@ def test_validation_during_distributed_training_matches_single_process(ddp_run, 
 def test_distributed_evaluate_matches_single_process(ddp_run, tmp_path, monkeypatch):
     data, run, _ = ddp_run
     records = tmp_path / "eval-records"
-    run_distributed(["--resume", str(run / "last.pt"), "--evaluate", "--data-dir", str(data), "--workers", "0"],
-                    records)
+    run_distributed(["--checkpoint", str(run / "last.pt"), "--data-dir", str(data), "--workers", "0"],
+                    records, program="evaluate")
     single = evaluate_single_process(data, run)
     assert_same_metrics(load_json(records / "metrics-0.json"), single)
 

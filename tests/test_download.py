@@ -1,7 +1,6 @@
-"""`python dataset.py download` without the network: a stand-in for the Kaggle API writes real zips."""
+"""download.py without the network: a stand-in for the Kaggle API writes real zips."""
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import subprocess
@@ -18,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
+import download  # noqa: E402
 
 CARS, VIEWS = ("0cdf5b5d0ce1", "fce0ba5b8ed7"), (1, 2)
 SIZE = (32, 24)  # width, height
@@ -106,10 +106,8 @@ class FakeKaggleApi:
 
 
 def run_download(out: Path, api: object | None = None, *flags: str) -> int:
-    """download_main on parsed flags, with `api` in place of Kaggle's."""
-    parser = argparse.ArgumentParser()
-    dataset.add_download_args(parser)
-    return dataset.download_main(parser.parse_args(["--out", str(out), *flags]), api=api)
+    """download.main on the flags, with `api` in place of Kaggle's."""
+    return download.main(["--out", str(out), *flags], api=api)
 
 
 @pytest.fixture
@@ -129,7 +127,7 @@ def test_download_extracts_pairs_and_prints_train_command(tmp_path, capsys):
     out = tmp_path / "carvana"
     api = FakeKaggleApi()
     assert run_download(out, api) == 0
-    assert api.calls == [(dataset.COMPETITION, "train.zip"), (dataset.COMPETITION, "train_masks.zip")]
+    assert api.calls == [(download.COMPETITION, "train.zip"), (download.COMPETITION, "train_masks.zip")]
     pairs = dataset.find_pairs(out)
     assert len(pairs) == len(CARS) * len(VIEWS)
     image, mask = pairs[0]
@@ -143,14 +141,17 @@ def test_download_extracts_pairs_and_prints_train_command(tmp_path, capsys):
     assert "5088" in captured.err  # warns that this is not the full set
 
 
-def test_rerun_downloads_nothing(tmp_path, no_credentials):
+def test_rerun_downloads_nothing(tmp_path, no_credentials, monkeypatch):
     out = tmp_path / "carvana"
     assert run_download(out, FakeKaggleApi()) == 0
     again = FakeKaggleApi()
     assert run_download(out, again) == 0
     assert again.calls == []
-    # Nothing to fetch, so no credentials are needed either.
+    # Nothing to fetch: no credentials needed, and kaggle (which authenticates on import) stays unimported.
+    for name in [m for m in sys.modules if m == "kaggle" or m.startswith("kaggle.")]:
+        monkeypatch.delitem(sys.modules, name)
     assert run_download(out) == 0
+    assert "kaggle" not in sys.modules
 
 
 def test_valid_zip_in_out_is_reused_and_kept(tmp_path):
@@ -166,14 +167,14 @@ def test_valid_zip_in_out_is_reused_and_kept(tmp_path):
 def test_keep_zips(tmp_path):
     out = tmp_path / "carvana"
     assert run_download(out, FakeKaggleApi(), "--keep-zips") == 0
-    assert sorted(p.name for p in (out / dataset.ZIP_CACHE).iterdir()) == ["train.zip", "train_masks.zip"]
+    assert sorted(p.name for p in (out / download.ZIP_CACHE).iterdir()) == ["train.zip", "train_masks.zip"]
 
 
 def test_corrupt_zip_on_disk_is_fetched_again(tmp_path, capsys):
     out = tmp_path / "carvana"
-    (out / dataset.ZIP_CACHE).mkdir(parents=True)
-    write_corrupt_zip(out / dataset.ZIP_CACHE / "train.zip", "train.zip")
-    assert dataset.zip_problem(out / dataset.ZIP_CACHE / "train.zip") is not None
+    (out / download.ZIP_CACHE).mkdir(parents=True)
+    write_corrupt_zip(out / download.ZIP_CACHE / "train.zip", "train.zip")
+    assert download.zip_problem(out / download.ZIP_CACHE / "train.zip") is not None
     api = FakeKaggleApi()
     assert run_download(out, api) == 0
     assert api.files() == ["train.zip", "train_masks.zip"]
@@ -214,7 +215,7 @@ def test_hq_extracts_into_train(tmp_path):
     # train/ now holds train_hq.zip's photos: switching back needs --force.
     assert run_download(out, FakeKaggleApi()) == 1
     assert run_download(out, FakeKaggleApi(), "--force") == 0
-    assert (out / "train" / dataset.COMPLETE_MARKER).read_text().strip() == "train.zip"
+    assert (out / "train" / download.COMPLETE_MARKER).read_text().strip() == "train.zip"
 
 
 def test_with_test(tmp_path, capsys):
@@ -226,35 +227,56 @@ def test_with_test(tmp_path, capsys):
     assert "4 test photos" in capsys.readouterr().out
 
 
-def test_missing_credentials(tmp_path, no_credentials, capsys):
-    for name in [m for m in sys.modules if m == "kaggle" or m.startswith("kaggle.")]:
-        del sys.modules[name]
-    assert run_download(tmp_path / "carvana") != 0
+class FakeAuthApi:
+    """Stands in for KaggleApi.authenticate: fails as kaggle 2.2.5 does (prints help, exit(1)), raises, or warns."""
+
+    config = "/nowhere/kaggle.json"
+
+    def __init__(self, fail: bool = False, error: Exception | None = None):
+        self.fail, self.error = fail, error
+
+    def authenticate(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.fail:
+            print("Authentication required to call the Kaggle API.")
+            sys.exit(1)
+        print("Warning: Your Kaggle API key is readable by other users on this system!")
+
+
+def test_missing_credentials_name_each_source(capsys):
+    with pytest.raises(download.DownloadError) as raised:
+        download.authenticate(FakeAuthApi(fail=True))
+    message = str(raised.value)
+    assert message.startswith("no usable Kaggle API credentials")
+    for source in ("KAGGLE_API_TOKEN", "~/.kaggle/access_token", "KAGGLE_USERNAME and KAGGLE_KEY",
+                   "/nowhere/kaggle.json", "kaggle auth login"):
+        assert source in message
+    assert download.TOKEN_HELP in message and "Generate New Token" in message
+    assert "Authentication required" not in capsys.readouterr().out  # kaggle's own help is replaced, not added
+
+
+def test_authentication_outcomes(tmp_path, capsys, monkeypatch):
+    api = FakeAuthApi()
+    assert download.authenticate(api) is api
+    assert "readable by other users" in capsys.readouterr().out  # kaggle's warnings are passed on
+    with pytest.raises(download.DownloadError, match="checking your Kaggle credentials: cannot reach Kaggle"):
+        download.authenticate(FakeAuthApi(error=requests.exceptions.ConnectionError("no network")))
+    # main reports a failed authentication as one line, exit status 1.
+    monkeypatch.setattr(download, "kaggle_api", lambda: download.authenticate(FakeAuthApi(fail=True)))
+    assert run_download(tmp_path / "carvana") == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: no Kaggle API credentials found")
-    assert "Create New Token" in err and "kaggle.json" in err and "KAGGLE_API_TOKEN" in err
-    assert "kaggle" not in sys.modules
+    assert err.startswith("error: no usable Kaggle API credentials") and len(err.strip().splitlines()) == 1
 
 
-def test_credential_sources(tmp_path, no_credentials, monkeypatch):
-    assert dataset.kaggle_credentials() is None
-    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
-    assert dataset.kaggle_credentials() is None  # a username without a key is not enough
-    monkeypatch.setenv("KAGGLE_KEY", "0123")
-    assert dataset.kaggle_credentials() == "KAGGLE_USERNAME/KAGGLE_KEY"
-    monkeypatch.delenv("KAGGLE_USERNAME")
-    monkeypatch.delenv("KAGGLE_KEY")
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    (config_dir / "kaggle.json").write_text('{"username": "someone", "key": "0123"}')
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(config_dir))
-    assert dataset.kaggle_credentials() == str(config_dir / "kaggle.json")
-    monkeypatch.delenv("KAGGLE_CONFIG_DIR")
-    (no_credentials / ".kaggle").mkdir()
-    (no_credentials / ".kaggle" / "access_token").write_text("KGAT_0123\n")
-    assert dataset.kaggle_credentials() == str(no_credentials / ".kaggle" / "access_token")
-    monkeypatch.setenv("KAGGLE_API_TOKEN", "KGAT_0123")
-    assert dataset.kaggle_credentials() == "KAGGLE_API_TOKEN"
+def test_kaggle_api_is_created_once_and_only_when_needed(tmp_path, monkeypatch):
+    created = []
+    monkeypatch.setattr(download, "kaggle_api", lambda: created.append(FakeKaggleApi()) or created[-1])
+    out = tmp_path / "carvana"
+    assert run_download(out) == 0
+    assert len(created) == 1 and created[0].files() == ["train.zip", "train_masks.zip"]
+    assert run_download(out) == 0
+    assert len(created) == 1
 
 
 def test_forbidden_points_to_rules(tmp_path, capsys):
@@ -290,7 +312,7 @@ def test_interrupted_extraction_leaves_no_complete_looking_folder(tmp_path, monk
     assert run_download(out, api) == 130
     assert "error: interrupted" in capsys.readouterr().err
     assert not (out / "train").exists()
-    assert not list(out.glob(dataset.EXTRACT_PREFIX + "*"))
+    assert not list(out.glob(download.EXTRACT_PREFIX + "*"))
     monkeypatch.undo()
     # The next run reuses the downloaded zip and finishes.
     again = FakeKaggleApi()
@@ -301,11 +323,11 @@ def test_interrupted_extraction_leaves_no_complete_looking_folder(tmp_path, monk
 
 def test_leftovers_of_a_killed_run_are_cleaned(tmp_path):
     out = tmp_path / "carvana"
-    stale = out / f"{dataset.EXTRACT_PREFIX}train-abc123" / "train"
+    stale = out / f"{download.EXTRACT_PREFIX}train-abc123" / "train"
     stale.mkdir(parents=True)
     (stale / "0cdf5b5d0ce1_01.jpg").write_bytes(b"half")
     assert run_download(out, FakeKaggleApi()) == 0
-    assert not list(out.glob(dataset.EXTRACT_PREFIX + "*"))
+    assert not list(out.glob(download.EXTRACT_PREFIX + "*"))
 
 
 def test_unrecorded_folder_needs_force(tmp_path, capsys):
@@ -319,13 +341,18 @@ def test_unrecorded_folder_needs_force(tmp_path, capsys):
     assert len(dataset.find_pairs(out)) == 4
 
 
-def test_cli_without_credentials_fails_fast(tmp_path):
+def test_cli_without_credentials_names_what_is_missing(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_") and k != "XDG_CONFIG_HOME"}
     env["HOME"] = str(home)
-    result = subprocess.run([sys.executable, "dataset.py", "download", "--out", str(tmp_path / "carvana")],
+    result = subprocess.run([sys.executable, "download.py", "--out", str(tmp_path / "carvana")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "error: no Kaggle API credentials found" in result.stderr and "Create New Token" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no usable Kaggle API credentials")
+    assert len(result.stderr.strip().splitlines()) == 1
+    for source in ("KAGGLE_API_TOKEN", "~/.kaggle/access_token", "KAGGLE_USERNAME and KAGGLE_KEY", "kaggle.json",
+                   "kaggle auth login", "Generate New Token"):
+        assert source in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+    assert "Authentication required" not in result.stdout  # kaggle's own help, printed on import, is hidden

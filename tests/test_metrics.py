@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from utils import SegmentationMetrics
+from utils import BinaryMetrics
 
 
 def masks(*rows_per_image):
@@ -13,7 +13,7 @@ def test_hand_computed_scores():
     # image 1: pred 3 pixels, target 2 pixels, 1 overlap -> dice 2/5, iou 1/4, 6 of 8 pixels correct? see below
     pred = masks([[1, 1, 1, 0], [0, 0, 0, 0]])
     target = masks([[1, 0, 0, 0], [0, 0, 0, 1]])
-    m = SegmentationMetrics()
+    m = BinaryMetrics()
     m.update(pred, target)
     r = m.compute()
     # intersection 1, |pred| 3, |target| 2, union 4; correct: positions 0 (1=1), 3,4,5,6 (0=0) -> 5 of 8
@@ -26,7 +26,7 @@ def test_hand_computed_scores():
 def test_global_and_per_image_scores_differ_and_are_not_per_batch_means():
     small_pred, small_target = masks([[1, 0, 0, 0]]), masks([[0, 1, 0, 0]])  # dice 0, 1 pixel each
     big_pred, big_target = masks([[1, 1, 1, 1]]), masks([[1, 1, 1, 1]])      # dice 1, 4 pixels each
-    m = SegmentationMetrics()
+    m = BinaryMetrics()
     m.update(small_pred, small_target)  # batch 1
     m.update(big_pred, big_target)      # batch 2
     r = m.compute()
@@ -34,7 +34,7 @@ def test_global_and_per_image_scores_differ_and_are_not_per_batch_means():
     assert r["mean_dice"] == pytest.approx(0.5)          # per image: (0 + 1) / 2
     assert r["images"] == 2
     # Same images in one batch give the same numbers: nothing depends on batching.
-    one = SegmentationMetrics()
+    one = BinaryMetrics()
     one.update(torch.cat([small_pred, big_pred]), torch.cat([small_target, big_target]))
     assert one.compute() == r
 
@@ -42,7 +42,7 @@ def test_global_and_per_image_scores_differ_and_are_not_per_batch_means():
 def test_empty_masks():
     empty = masks([[0, 0], [0, 0]])
     full = masks([[1, 1], [1, 1]])
-    m = SegmentationMetrics()
+    m = BinaryMetrics()
     m.update(empty, empty)  # both empty: a perfect answer
     r = m.compute()
     assert r["dice"] == 1.0 and r["iou"] == 1.0 and r["acc"] == 1.0 and r["mean_dice"] == 1.0

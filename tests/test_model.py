@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model import UNet
-from train import bce_dice_loss
+from task import bce_dice_loss
 
 
 @pytest.mark.parametrize("features", [(4,), (4, 8), (8, 16, 32), (4, 8, 16, 32)])

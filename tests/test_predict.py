@@ -16,6 +16,9 @@ import predict
 import utils
 from dataset import load_image
 from model import UNet
+from task import BinaryTask
+
+BINARY = BinaryTask()
 
 TRAIN_SIZE = (32, 48)  # (height, width) stored in the checkpoint's config
 IMAGE_SIZES = {"a.jpg": (70, 45), "b.png": (64, 64), "c.jpeg": (50, 33)}  # name -> PIL (width, height)
@@ -102,7 +105,7 @@ def test_main_writes_masks_overlays_and_submission(tmp_path: Path, images: Path,
     assert rows[0] == ["img", "rle_mask"]
     assert [name for name, _ in rows[1:]] == sorted(IMAGE_SIZES)
     for name, rle in rows[1:]:
-        np.testing.assert_array_equal(utils.rle_decode(rle, masks[name].shape) * 255, masks[name])
+        np.testing.assert_array_equal(predict.rle_decode(rle, masks[name].shape) * 255, masks[name])
 
 
 @pytest.mark.parametrize("threshold, expected", [("0", 255), ("1", 0)])
@@ -131,7 +134,7 @@ def test_masks_are_thresholded_after_upsampling(monkeypatch: pytest.MonkeyPatch,
         x = torch.from_numpy(load_image(path, size).copy()).permute(2, 0, 1)[None].float() / 255
         with Image.open(path) as img:
             width, height = img.size
-        probs = predict.upsample_to(predict.predict_probabilities(model, x, tta=True), (height, width))
+        probs = predict.upsample_to(predict.predict_probabilities(model, x, BINARY, tta=True), (height, width))
         assert mask.dtype == bool and mask.shape == (height, width)
         np.testing.assert_array_equal(mask, probs[0, 0].numpy() > 0.5)
 
@@ -145,8 +148,8 @@ def test_tta_is_the_mean_of_plain_and_mirrored_predictions() -> None:
     x = torch.rand(3, 3, *TRAIN_SIZE)
     with torch.no_grad():
         expected = (model(x).sigmoid() + model(x.flip(-1)).sigmoid().flip(-1)) / 2
-    torch.testing.assert_close(predict.predict_probabilities(model, x, tta=True), expected)
-    plain = predict.predict_probabilities(model, x)
+    torch.testing.assert_close(predict.predict_probabilities(model, x, BINARY, tta=True), expected)
+    plain = predict.predict_probabilities(model, x, BINARY)
     assert plain.dtype == torch.float32 and plain.shape == (3, 1, *TRAIN_SIZE)
     assert not torch.allclose(plain, expected), "this model is not mirror-symmetric, so TTA must change things"
 
@@ -154,8 +157,8 @@ def test_tta_is_the_mean_of_plain_and_mirrored_predictions() -> None:
 def test_tta_prediction_is_mirror_equivariant() -> None:
     model = tiny_unet(seed=2)
     x = torch.rand(2, 3, *TRAIN_SIZE)
-    torch.testing.assert_close(predict.predict_probabilities(model, x.flip(-1), tta=True),
-                               predict.predict_probabilities(model, x, tta=True).flip(-1))
+    torch.testing.assert_close(predict.predict_probabilities(model, x.flip(-1), BINARY, tta=True),
+                               predict.predict_probabilities(model, x, BINARY, tta=True).flip(-1))
 
 
 def test_tta_changes_nothing_for_a_mirror_symmetric_model() -> None:
@@ -167,8 +170,8 @@ def test_tta_changes_nothing_for_a_mirror_symmetric_model() -> None:
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
                 module.weight.copy_((module.weight + module.weight.flip(-1)) / 2)
     x = torch.rand(2, 3, *TRAIN_SIZE)  # any input, not only a symmetric one
-    torch.testing.assert_close(predict.predict_probabilities(model, x, tta=True),
-                               predict.predict_probabilities(model, x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(predict.predict_probabilities(model, x, BINARY, tta=True),
+                               predict.predict_probabilities(model, x, BINARY), atol=1e-6, rtol=1e-5)
 
 
 def test_upsample_to_is_bilinear_without_corner_alignment() -> None:
@@ -206,7 +209,7 @@ def assert_user_error(capsys: pytest.CaptureFixture, *needles: str | Path) -> No
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("predict.py: error: ") and err.endswith(errors[0] + "\n"), err
+    assert len(errors) == 1 and errors[0].startswith("error: ") and err.endswith(errors[0] + "\n"), err
     for needle in needles:
         assert str(needle) in errors[0], err
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import task
 import train
 import utils
 from model import UNet
@@ -105,14 +106,14 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
         synthetic_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     calls = []
-    original = train.bce_dice_loss
+    original = task.BinaryTask.loss
 
-    def nan_in_epoch_2(logits, target, **kwargs):
+    def nan_in_epoch_2(self, logits, target, **kwargs):
         calls.append(1)
-        loss = original(logits, target, **kwargs)
+        loss = original(self, logits, target, **kwargs)
         return loss * float("nan") if len(calls) == 10 else loss
 
-    monkeypatch.setattr(train, "bce_dice_loss", nan_in_epoch_2)
+    monkeypatch.setattr(task.BinaryTask, "loss", nan_in_epoch_2)
     assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "3", *TINY]) == 1
     err = capsys.readouterr().err
     assert "epoch 2 at step 2" in err  # 8 calls per epoch: 6 training steps, 2 validation batches
@@ -153,9 +154,9 @@ def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
     with pytest.raises(utils.CheckpointError, match="refused"):
         utils.load_checkpoint(evil)
     assert not marker.exists()
-    result = subprocess.run([sys.executable, "train.py", "--resume", str(evil), "--evaluate"],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode != 0 and "refused" in result.stderr and "Traceback" not in result.stderr
+    for program in (["train.py", "--resume"], ["evaluate.py", "--checkpoint"]):
+        result = subprocess.run([sys.executable, *program, str(evil)], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode != 0 and "refused" in result.stderr and "Traceback" not in result.stderr, program
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is live: an unprotected load does run it
     assert marker.exists()
@@ -175,7 +176,7 @@ def test_bad_checkpoints_give_one_clear_line(case, tmp_path, synthetic_dir):
         path.write_text("hello, I am a text file\n")
     elif case == "plain_dict":
         torch.save({"weights": torch.zeros(3)}, path)
-    result = subprocess.run([sys.executable, "train.py", "--resume", str(path), "--evaluate",
+    result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(path),
                              "--data-dir", str(synthetic_dir), "--workers", "0"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from utils import rle_decode, rle_encode
+from predict import rle_decode, rle_encode
 
 H, W = 1280, 1918  # Carvana's mask size
 

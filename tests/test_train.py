@@ -56,19 +56,11 @@ def test_checkpoint_holds_everything_to_resume(two_epoch_run):
     assert best["best_dice"] == max(r["val_dice"] for r in utils.read_metrics_csv(two_epoch_run / "metrics.csv"))
 
 
-def test_evaluate_prints_metrics_with_resolution(two_epoch_run, synthetic_dir, capsys):
-    code = train.main(["--resume", str(two_epoch_run / "best.pt"), "--evaluate", "--data-dir", str(synthetic_dir),
-                       "--workers", "0"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "32x48 (training)" in out and "64x96 (original)" in out and "mean Dice" in out
-
-
 def test_empty_data_dir_exits_with_both_commands(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path / "nothing")],
                             capture_output=True, text=True, cwd=train.Path(train.__file__).parent)
     assert result.returncode != 0
-    assert "python dataset.py download" in result.stderr
+    assert "python download.py" in result.stderr
     assert "python train.py --synthetic" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -94,7 +86,7 @@ def test_bad_data_is_refused_and_skip_bad_trains_on_the_rest(synthetic_dir, tmp_
 
 
 def test_cache_is_skipped_when_it_would_not_fit_in_memory(capsys):
-    args = train.parse_args(["--height", "160", "--width", "240"])
+    args, _ = train.parse_args(["--height", "160", "--width", "240"])
     assert train.cache_fits(100, args)
     assert not train.cache_fits(10**9, args)  # 10^9 images at 160x240: far beyond any machine
     assert "decoding every epoch instead" in capsys.readouterr().err
@@ -110,22 +102,22 @@ def test_cache_is_skipped_when_it_would_not_fit_in_memory(capsys):
 ])
 def test_default_workers_follow_the_device_and_the_cpus(monkeypatch, device, cuda, cpus, local_world, expected):
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(train.ds, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(train.utils, "usable_cpus", lambda: cpus)
     if local_world:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
     else:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert train.parse_args(["--device", device]).workers == expected
-    assert train.parse_args(["--device", device, "--workers", "3"]).workers == 3
+    assert train.parse_args(["--device", device])[0].workers == expected
+    assert train.parse_args(["--device", device, "--workers", "3"])[0].workers == 3
 
 
 def record_step_precision(monkeypatch) -> list:
     """Patch train.train_step to note the autocast dtype of every training step."""
     seen, original = [], train.train_step
 
-    def recording(model, images, masks, optimizer, scaler, device, amp_dtype, *args, **kwargs):
+    def recording(model, images, masks, opt, amp_dtype, *args, **kwargs):
         seen.append(amp_dtype)
-        return original(model, images, masks, optimizer, scaler, device, amp_dtype, *args, **kwargs)
+        return original(model, images, masks, opt, amp_dtype, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", recording)
     return seen

@@ -1,0 +1,167 @@
+"""Score a checkpoint: Dice, IoU and accuracy at the training size and at each photo's own size.
+
+    python evaluate.py --checkpoint runs/NAME/best.pt --data-dir data/carvana        # its held-out cars
+    python evaluate.py --checkpoint runs/NAME/best.pt --data-dir unseen --all --tta  # every image of a folder
+    torchrun --nproc_per_node=4 evaluate.py --checkpoint ...                          # several GPUs
+
+At the original size the probabilities are upsampled bilinearly before the decision (threshold, or
+the likeliest class), exactly as predict.py makes its masks. The images and settings (size, classes,
+split) are the checkpoint's own.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import dataset as ds
+import utils
+from predict import predict_probabilities, upsample_to
+from train import Setup, checked_pairs, default_workers
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """evaluate.py's command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="checkpoint written by train.py (e.g. runs/NAME/best.pt), or a run folder (its last.pt)")
+    parser.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="dataset folder holding the run's validation cars (default: the run's --val-dir, "
+                             "else its --data-dir)")
+    parser.add_argument("--all", action="store_true",
+                        help="score every image of --data-dir, e.g. cars the run never saw, not only its validation cars")
+    parser.add_argument("--tta", action="store_true", help="also score horizontal-flip TTA (2x the compute)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data-loading processes, 0 loads in the main process (default: as train.py)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the table; exit status 1 after a user error."""
+    rank, world_size, local_rank = utils.init_distributed()
+    try:
+        return utils.run_program(lambda: run(parse_args(argv), rank, world_size, local_rank))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -> None:
+    """Load the checkpoint, find its held-out images, score them and print the table."""
+    state = utils.load_checkpoint(args.checkpoint)
+    net = utils.model_from_checkpoint(state, args.checkpoint)
+    config = run_config(state, args)
+    setup = Setup.create(config, rank, world_size, local_rank)
+    pairs = checked_pairs(Path(config.data_dir), config, setup)
+    if not args.all:
+        pairs = ds.pairs_of_groups(pairs, state.get("split", {}).get("val", []))
+        if not pairs:
+            raise utils.UserError(f"none of the validation cars or images of {args.checkpoint} are in "
+                                  f"{config.data_dir}; pass --all to score every image there")
+    net = net.to(setup.device, memory_format=setup.memory_format)
+    results = evaluate_at_training_and_original_size(net, pairs, config, setup, args.tta)
+    if setup.is_main:
+        print(f"{ds.describe_pairs(pairs)} of {config.data_dir}"
+              f"{'' if args.all else ', held out from training'} ({args.checkpoint})")
+        print_table(results, config, original_size_label(pairs), setup)
+
+
+def run_config(state: dict[str, Any], args: argparse.Namespace) -> argparse.Namespace:
+    """The checkpoint's training settings, with this command's data folder, batch size, workers and device."""
+    if not {"data_dir", "height", "width", "classes"} <= set(state.get("config", {})):
+        raise utils.CheckpointError(f"{args.checkpoint}: has no training settings (config), as train.py writes")
+    config = argparse.Namespace(**state["config"])
+    config.data_dir = args.data_dir or getattr(config, "val_dir", None) or config.data_dir
+    config.batch_size = args.batch_size or config.batch_size
+    config.device = args.device
+    config.workers = default_workers(args.device) if args.workers is None else args.workers
+    return config
+
+
+class WithOriginalMasks(Dataset):
+    """Validation items at the training size, each with its mask at the original size."""
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], config: argparse.Namespace):
+        self.resized = ds.SegmentationDataset(pairs, config.height, config.width,
+                                              ds.val_transforms(config.height, config.width), soft_masks=False,
+                                              classes=config.classes, in_channels=config.in_channels)
+
+    def __len__(self) -> int:
+        return len(self.resized)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, mask = self.resized[item]
+        return image, mask, torch.from_numpy(self.resized.original_mask(item[0]))
+
+    @staticmethod
+    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Stack the training-size tensors; original masks stay a list (their sizes may differ)."""
+        images, masks, originals = zip(*items)
+        return torch.stack(images), torch.stack(masks), list(originals)
+
+
+@torch.no_grad()
+def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence[tuple[Path, Path]],
+                                           config: argparse.Namespace, setup: Setup,
+                                           tta: bool = False) -> dict[tuple[str, bool], dict[str, Any]]:
+    """Metrics keyed by (resolution, tta), resolution "training" or "original", reduced over processes."""
+    net.eval()
+    task = setup.task
+    data = WithOriginalMasks(pairs, config)
+    sampler = ds.SeededSampler(len(data), config.seed, shuffle=False, rank=setup.rank, world_size=setup.world_size)
+    if config.workers > 0:
+        ds.single_threaded_opencv()
+    loader = DataLoader(data, batch_size=config.batch_size, num_workers=config.workers, sampler=sampler,
+                        collate_fn=WithOriginalMasks.collate)
+    modes = (False, True) if tta else (False,)
+    metrics = {(res, flip): task.metrics(setup.device) for res in ("training", "original") for flip in modes}
+    for images, masks, originals in tqdm(loader, desc="evaluate", leave=False, disable=not setup.is_main):
+        images = images.to(setup.device, memory_format=setup.memory_format)
+        for flip in modes:
+            with utils.autocast(setup.device, setup.amp_dtype):
+                probs = predict_probabilities(net, images, task, flip)
+            metrics[("training", flip)].update(task.labels(probs.cpu()), task.truth(masks))
+            for prob, original in zip(probs, originals):
+                full = task.labels(upsample_to(prob[None], tuple(original.shape))).cpu()
+                metrics[("original", flip)].update(full, task.truth(original[None]))
+    for m in metrics.values():
+        utils.all_reduce_sum(m.sums)
+    return {key: m.compute() for key, m in metrics.items()}
+
+
+def original_size_label(pairs: Sequence[tuple[Path, Path]]) -> str:
+    """'1280x1918 (original)' (height x width) when all masks share one size, else 'original sizes'."""
+    sizes = set()
+    for _, mask in pairs:
+        with Image.open(mask) as img:  # reads the header only
+            sizes.add((img.height, img.width))
+    return f"{'x'.join(map(str, sizes.pop()))} (original)" if len(sizes) == 1 else "original sizes"
+
+
+def print_table(results: dict[tuple[str, bool], dict[str, Any]], config: argparse.Namespace, original: str,
+                setup: Setup) -> None:
+    """One row per (resolution, TTA), the task's columns, then what they mean."""
+    task = setup.task
+    labels = {"training": f"{config.height}x{config.width} (training)", "original": original}
+    print(f"{'resolution':<22}{'TTA':<5}" + "".join(f"{title:>{width}}" for title, _, width in task.table))
+    for (resolution, tta), m in results.items():
+        print(f"{labels[resolution]:<22}{'yes' if tta else 'no':<5}"
+              + "".join(f"{m[key]:>{width}.4f}" for _, key, width in task.table))
+    print(task.table_note)
+    if task.classes > 1:
+        for (resolution, tta), m in results.items():
+            print(f"IoU per class 0..{task.classes - 1} at {labels[resolution]}{', TTA' if tta else ''}: "
+                  + " ".join(f"{v:.4f}" for v in m["class_iou"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Binary or multi-class: the one place that decides what the model's outputs mean.
+
+A binary model (--classes 1) has one logit per pixel (car or not), trained with BCE + soft Dice; a
+multi-class model has one logit per class, trained with softmax cross-entropy + soft Dice. Training,
+evaluation and prediction all ask the task for the loss, the probabilities, the decided mask and the
+metrics, instead of looking at the number of channels themselves.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from utils import BinaryMetrics, MulticlassMetrics
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+    """BCE-with-logits plus soft Dice over the batch, in fp32 for stability under autocast.
+
+    per_image=True gives one loss per image, shape (N,), whose sum does not depend on the batching.
+    """
+    logits = logits.float()
+    dims = tuple(range(1 if per_image else 0, logits.ndim))
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum(dims)
+    soft_dice = (2 * inter + 1) / (prob.sum(dims) + target.sum(dims) + 1)
+    return bce + (1 - soft_dice)
+
+
+def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Softmax cross-entropy plus soft Dice averaged over the classes, skipping ignore_index pixels; fp32.
+
+    logits (N, C, H, W), target int64 (N, H, W) class indices. Both terms are over the batch's labelled
+    pixels (a batch with none gives 0 rather than NaN).
+    """
+    logits = logits.float()
+    labelled = target != ignore_index
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / labelled.sum().clamp_min(1)
+    weight = labelled.unsqueeze(1).float()
+    prob = logits.softmax(dim=1) * weight
+    one_hot = F.one_hot(target.where(labelled, 0), logits.shape[1]).permute(0, 3, 1, 2).float() * weight
+    dims = (0, 2, 3)
+    soft_dice = (2 * (prob * one_hot).sum(dims) + 1) / (prob.sum(dims) + one_hot.sum(dims) + 1)
+    return ce + (1 - soft_dice.mean())
+
+
+class BinaryTask:
+    """One logit per pixel (car or not): BCE + soft Dice on coverage targets, a car where its probability is high."""
+
+    classes = 1
+    best_name = "Dice"  # what best.pt is chosen by
+    # evaluate.py's table: (title, metrics key, column width), then what the columns mean.
+    table = (("mean Dice", "mean_dice", 10), ("Dice", "dice", 9), ("mean IoU", "mean_iou", 10),
+             ("IoU", "iou", 9), ("accuracy", "acc", 10))
+    table_note = "mean Dice = mean of per-image Dice (Kaggle's metric); Dice = over all pixels of the set"
+
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+        """The batch's loss, or with per_image one loss per image (N,)."""
+        return bce_dice_loss(logits, masks, per_image=per_image)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Float32 car probabilities (N, 1, H, W)."""
+        return logits.float().sigmoid()
+
+    def labels(self, probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+        """Boolean masks (N, H, W): car where the probability is above the threshold."""
+        return probs[:, 0] > threshold
+
+    def truth(self, masks: torch.Tensor) -> torch.Tensor:
+        """Target masks for the metrics: coverage (or {0, 1}) above one half."""
+        return masks > 0.5
+
+    def metrics(self, device: torch.device) -> BinaryMetrics:
+        return BinaryMetrics(device)
+
+    def describe(self, m: dict[str, Any]) -> str:
+        """The scores of a metrics dict in one line."""
+        return (f"Dice {m['dice']:.4f} (mean per image {m['mean_dice']:.4f})  IoU {m['iou']:.4f}  "
+                f"acc {m['acc']:.4f}")
+
+
+class MulticlassTask:
+    """One logit per class: softmax cross-entropy + soft Dice, the likeliest class per pixel."""
+
+    best_name = "Dice (mean over foreground classes)"
+    table = (("Dice fg", "dice", 10), ("IoU fg", "iou", 9), ("Dice all", "dice_all", 10),
+             ("IoU all", "iou_all", 9), ("accuracy", "acc", 10))
+    table_note = ("fg = mean over the foreground classes 1..N-1, all = mean including background (class 0); "
+                  "over all pixels of the set, --ignore-index pixels left out")
+
+    def __init__(self, classes: int, ignore_index: int = 255):
+        self.classes, self.ignore_index = classes, ignore_index
+
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+        """The batch's loss, or with per_image one loss per image (N,)."""
+        if per_image:
+            return torch.stack([ce_dice_loss(l[None], m[None], self.ignore_index) for l, m in zip(logits, masks)])
+        return ce_dice_loss(logits, masks, self.ignore_index)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Float32 class probabilities (N, C, H, W)."""
+        return logits.float().softmax(dim=1)
+
+    def labels(self, probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+        """Class indices (N, H, W) as uint8: the likeliest class (the threshold is for binary models)."""
+        return probs.argmax(dim=1).to(torch.uint8)
+
+    def truth(self, masks: torch.Tensor) -> torch.Tensor:
+        """Target class indices: the masks themselves (ignore_index pixels are skipped by the metrics)."""
+        return masks
+
+    def metrics(self, device: torch.device) -> MulticlassMetrics:
+        return MulticlassMetrics(self.classes, self.ignore_index, device)
+
+    def describe(self, m: dict[str, Any]) -> str:
+        """The scores of a metrics dict in one line, saying which classes each mean covers."""
+        per_class = " ".join(f"{v:.3f}" for v in m["class_iou"])
+        return (f"mean over foreground classes: Dice {m['dice']:.4f} IoU {m['iou']:.4f}  incl. background: "
+                f"Dice {m['dice_all']:.4f} IoU {m['iou_all']:.4f}  IoU per class 0..{self.classes - 1} "
+                f"[{per_class}]  acc {m['acc']:.4f}")
+
+
+Task = BinaryTask | MulticlassTask
+
+
+def make_task(classes: int, ignore_index: int = 255) -> Task:
+    """The task of a model with `classes` outputs: binary for 1, multi-class otherwise."""
+    return BinaryTask() if classes == 1 else MulticlassTask(classes, ignore_index)

@@ -1,0 +1,52 @@
+"""evaluate.py: a checkpoint's scores at the training size and at the original size, on its held-out images."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "8", "--workers", "0",
+        "--val-cars", "1", "--num-predictions", "0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(synthetic_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "1", *TINY]) == 0
+    return out
+
+
+def test_evaluate_prints_metrics_at_both_resolutions(run_dir, synthetic_dir, capsys):
+    assert evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(synthetic_dir),
+                          "--workers", "0", "--tta"]) == 0
+    out = capsys.readouterr().out
+    assert "32x48 (training)" in out and "64x96 (original)" in out and "mean Dice" in out
+    assert "16 images (1 car)" in out and "held out from training" in out
+    assert len([line for line in out.splitlines() if line.startswith(("32x48", "64x96"))]) == 4  # with and without TTA
+
+
+def test_evaluate_all_scores_every_image_of_a_folder(run_dir, synthetic_dir, capsys):
+    assert evaluate.main(["--checkpoint", str(run_dir), "--data-dir", str(synthetic_dir), "--all",
+                          "--workers", "0"]) == 0
+    assert "64 images (4 cars)" in capsys.readouterr().out
+
+
+def test_a_folder_without_the_validation_cars_is_refused_in_one_line(run_dir, tmp_path):
+    other = tmp_path / "other"
+    import synthetic
+    synthetic.generate_synthetic(other, cars=2, size=(96, 64), seed=7)
+    result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(run_dir / "best.pt"),
+                             "--data-dir", str(other), "--workers", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert "--all" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_help_names_every_flag():
+    result = subprocess.run([sys.executable, "evaluate.py", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0
+    for flag in ("--checkpoint", "--data-dir", "--all", "--tta", "--batch-size", "--workers", "--device"):
+        assert flag in result.stdout
