@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from dataset import IMAGE_DIR, IMAGE_EXTENSIONS, MASK_DIR, find_pairs, is_hidden
-from utils import HelpFormatter, UserError
+from utils import UserError
 
 COMPETITION = "carvana-image-masking-challenge"
 RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
@@ -34,20 +34,13 @@ ZIP_CACHE = ".zips"                     # OUT/.zips: downloads, kept until extra
 EXTRACT_PREFIX = ".extract-"            # OUT/.extract-train-*: extraction in progress
 COMPLETE_MARKER = ".download-complete"  # in OUT/train etc.: names the zip it was fully extracted from
 KAGGLE_PARTIAL_SUFFIX = ".kaggle-partial"  # the kaggle package's resume marker next to a partial file
-TOKEN_HELP = (
-    "Create a token: sign in at https://www.kaggle.com/settings/api, click Generate New Token under API, "
-    "save the token as ~/.kaggle/access_token and run `chmod 600 ~/.kaggle/access_token` "
-    "(or export KAGGLE_API_TOKEN=<token>).")
+TOKEN_HELP = ("Create a token: sign in at https://www.kaggle.com/settings/api, click Generate New Token under API, "
+              "save the token as ~/.kaggle/access_token and run `chmod 600 ~/.kaggle/access_token` "
+              "(or export KAGGLE_API_TOKEN=<token>).")
 
 
 class DownloadError(UserError):
     """A download that cannot go on: missing credentials, a refused request, a corrupt zip."""
-
-
-def carvana_parts(hq: bool = False, with_test: bool = False) -> list[tuple[str, str]]:
-    """(zip on Kaggle, folder in OUT) for each part to fetch."""
-    parts = [("train_hq.zip" if hq else "train.zip", IMAGE_DIR), ("train_masks.zip", MASK_DIR)]
-    return parts + [("test.zip", TEST_DIR)] if with_test else parts
 
 
 # --- the Kaggle API ---------------------------------------------------------------------------
@@ -182,19 +175,12 @@ def obtain_zip(get_api: Callable[[], object], out: Path, zip_name: str) -> Path:
 
 # --- extraction -------------------------------------------------------------------------------
 
-def read_text(path: Path) -> str:
-    """The stripped contents of a file, or '' when it is missing or unreadable."""
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
 def is_extracted(target: Path, zip_name: str, force: bool = False) -> bool:
     """True when `target` is a finished extraction of `zip_name`; DownloadError when it holds something else."""
     if force or not target.exists():
         return False
-    source = read_text(target / COMPLETE_MARKER)
+    marker = target / COMPLETE_MARKER
+    source = marker.read_text().strip() if marker.is_file() else ""
     if source == zip_name:
         return True
     if source:
@@ -203,55 +189,35 @@ def is_extracted(target: Path, zip_name: str, force: bool = False) -> bool:
                         f"remove it, or rerun with --force to replace it")
 
 
-def remove_stale_extractions(out: Path, folder: str) -> None:
-    """Delete temporary folders a killed run left behind for `folder`."""
-    for stale in out.glob(f"{EXTRACT_PREFIX}{folder}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def is_junk(member_name: str) -> bool:
-    """Archive members to skip: macOS resource forks and hidden files."""
-    return member_name.startswith("__MACOSX/") or Path(member_name).name.startswith(".")
-
-
-def extracted_root(tmp: Path) -> Path:
-    """The folder holding the files: the zip's single top folder (train/, train_hq/...) or tmp itself."""
-    entries = list(tmp.iterdir())
-    if not entries:
-        raise DownloadError(f"the archive extracted into {tmp} held no files")
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
-
-
-def replace_folder(source: Path, target: Path) -> None:
-    """Rename `source` to `target`, moving an existing `target` out of the way first."""
-    if target.exists():
-        old = target.with_name(f"{EXTRACT_PREFIX}{target.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.replace(old)
-        source.replace(target)
-        shutil.rmtree(old)
-    else:
-        source.replace(target)
-
-
 def extract_zip(zip_path: Path, target: Path, zip_name: str) -> None:
     """Extract into a temporary folder next to `target`, mark it complete, then rename it into place."""
     out = target.parent
-    remove_stale_extractions(out, target.name)
+    for stale in out.glob(f"{EXTRACT_PREFIX}{target.name}-*"):  # left by a killed run, "-old" included
+        shutil.rmtree(stale, ignore_errors=True)
     # Same filesystem as the target, so the final rename is atomic: a run interrupted at any point
     # leaves either no target or a complete one.
     tmp = Path(tempfile.mkdtemp(prefix=f"{EXTRACT_PREFIX}{target.name}-", dir=out))
     try:
         with zipfile.ZipFile(zip_path) as archive:
-            members = [m for m in archive.infolist() if not is_junk(m.filename)]
+            members = [m for m in archive.infolist()  # not macOS resource forks, nor hidden files
+                       if not (m.filename.startswith("__MACOSX/") or Path(m.filename).name.startswith("."))]
             with tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True, unit_divisor=1024,
                       desc=f"extracting {zip_name}") as progress:
                 for member in members:
                     archive.extract(member, tmp)
                     progress.update(member.file_size)
-        root = extracted_root(tmp)
+        entries = list(tmp.iterdir())
+        if not entries:
+            raise DownloadError(f"the archive extracted into {tmp} held no files")
+        root = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp  # the zip's top folder, if one
         (root / COMPLETE_MARKER).write_text(zip_name + "\n")
-        replace_folder(root, target)
+        if target.exists():  # --force: the old folder goes only once the new one is in place
+            old = out / f"{EXTRACT_PREFIX}{target.name}-old"
+            target.replace(old)
+            root.replace(target)
+            shutil.rmtree(old)
+        else:
+            root.replace(target)
     except (OSError, zipfile.BadZipFile) as e:
         raise DownloadError(f"extracting {zip_path} into {target} failed: {e}") from None
     finally:
@@ -259,20 +225,6 @@ def extract_zip(zip_path: Path, target: Path, zip_name: str) -> None:
 
 
 # --- the whole download -----------------------------------------------------------------------
-
-def prepare_part(get_api: Callable[[], object], out: Path, zip_name: str, folder: str,
-                 force: bool = False, keep_zips: bool = False) -> None:
-    """Make OUT/folder a complete extraction of zip_name, downloading only what is missing."""
-    target = out / folder
-    if is_extracted(target, zip_name, force):
-        print(f"{target}: already extracted from {zip_name}, skipping")
-        return
-    zip_path = obtain_zip(get_api, out, zip_name)
-    print(f"{zip_name}: extracting into {target}")
-    extract_zip(zip_path, target, zip_name)
-    if zip_path.parent == out / ZIP_CACHE and not keep_zips:
-        zip_path.unlink()  # only our own downloads: a zip the user put in OUT/ stays
-
 
 def check_download(out: Path, with_test: bool = False) -> list[tuple[Path, Path]]:
     """Check that every photo has its mask and report the counts; returns the pairs."""
@@ -295,15 +247,23 @@ def check_download(out: Path, with_test: bool = False) -> list[tuple[Path, Path]
 def download_carvana(out: str | Path, hq: bool = False, with_test: bool = False, api: object | None = None,
                      force: bool = False, keep_zips: bool = False) -> list[tuple[Path, Path]]:
     """Download and extract Carvana into OUT/train, OUT/train_masks (and OUT/test); returns the pairs.
-
-    `api` stands in for kaggle's KaggleApi (anything with competition_download_file); None means import
-    kaggle and authenticate, once and only when something must be fetched, so reruns need no credentials.
-    """
+    `api` stands in for kaggle's KaggleApi, otherwise imported only when something must be fetched."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     get_api = functools.cache(kaggle_api) if api is None else lambda: api
-    for zip_name, folder in carvana_parts(hq, with_test):
-        prepare_part(get_api, out, zip_name, folder, force=force, keep_zips=keep_zips)
+    parts = [("train_hq.zip" if hq else "train.zip", IMAGE_DIR), ("train_masks.zip", MASK_DIR)]
+    if with_test:
+        parts.append(("test.zip", TEST_DIR))
+    for zip_name, folder in parts:
+        target = out / folder
+        if is_extracted(target, zip_name, force):
+            print(f"{target}: already extracted from {zip_name}, skipping")
+            continue
+        zip_path = obtain_zip(get_api, out, zip_name)
+        print(f"{zip_name}: extracting into {target}")
+        extract_zip(zip_path, target, zip_name)
+        if zip_path.parent == out / ZIP_CACHE and not keep_zips:
+            zip_path.unlink()  # only our own downloads: a zip the user put in OUT/ stays
     with contextlib.suppress(OSError):
         (out / ZIP_CACHE).rmdir()  # only when empty
     return check_download(out, with_test)
@@ -313,8 +273,9 @@ def download_carvana(out: str | Path, hq: bool = False, with_test: bool = False,
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """download.py's command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default="data/carvana", metavar="DIR", help="folder to extract into")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/carvana", metavar="DIR",
+                        help="folder to extract into (default: %(default)s)")
     parser.add_argument("--hq", action="store_true", help="download train_hq.zip instead of train.zip")
     parser.add_argument("--with-test", action="store_true", help="also download test.zip (8 GB)")
     parser.add_argument("--force", action="store_true",

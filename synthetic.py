@@ -9,6 +9,7 @@ benchmarks all train on the same data without a Kaggle account.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -23,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from dataset import GENERIC, KAGGLE, is_hidden, list_images, mask_path_for
-from utils import HelpFormatter, UserError, parallel_map, plural, run_program, save_mask_png, usable_cpus
+from dataset import GENERIC, KAGGLE, list_images, list_masks, mask_path_for
+from utils import UserError, parallel_map, plural, run_program, save_mask_png, usable_cpus
 
 # A car is a few convex prisms (lower body, cabin, door mirrors) and four wheel cylinders, in car
 # coordinates: x forward, y to the car's left, z up, in metres, origin on the floor under its middle.
@@ -61,30 +62,23 @@ _BODY_STYLES = {  # (low, high) ranges in metres; rear_rake is the rear window's
 }
 
 
+@dataclasses.dataclass(slots=True)
 class _Face:
     """A flat convex polygon of a car part, with the polygons painted on it (windows, lights, wheels)."""
 
-    __slots__ = ("points", "normal", "color", "decals", "decal_parts")
-
-    def __init__(self, points: np.ndarray, normal: np.ndarray, color: np.ndarray) -> None:
-        self.points = points  # (k, 3), car coordinates
-        self.normal = normal  # outward, unit length
-        self.color = color
-        self.decals: list[tuple[np.ndarray, np.ndarray]] = []
-        self.decal_parts: list[int] = []  # the part each decal shows (_BODY, _WINDOW, _WHEEL)
+    points: np.ndarray  # (k, 3), car coordinates
+    normal: np.ndarray  # outward, unit length
+    color: np.ndarray
+    decals: list[tuple[np.ndarray, np.ndarray, int]] = dataclasses.field(default_factory=list)  # points, colour, part
 
     def paint(self, points: np.ndarray, color: Sequence[float], part: int = _BODY) -> None:
         """Add a polygon drawn over the face, in the face's shade."""
-        self.decals.append((points, np.asarray(color, dtype=float)))
-        self.decal_parts.append(part)
+        self.decals.append((points, np.asarray(color, dtype=float), part))
 
 
 def _prism(profile: Sequence[tuple[float, float]], y0: float, y1: float, color: np.ndarray) -> list[_Face]:
-    """The faces of a convex counter-clockwise (x, z) profile extruded from y0 to y1 > y0.
-
-    Returns the caps at y1 and y0, then one rectangle per profile edge i -> i+1 with corners
-    (p_i, y0), (p_i, y1), (p_i+1, y1), (p_i+1, y0), the order `_patch` relies on.
-    """
+    """The faces of a convex counter-clockwise (x, z) profile extruded from y0 to y1 > y0: the caps at y1 and y0,
+    then per edge i -> i+1 the rectangle (p_i, y0), (p_i, y1), (p_i+1, y1), (p_i+1, y0), as `_patch` expects."""
     xz = np.asarray(profile, dtype=float)
     faces = [_Face(_at_y(xz, y1), np.array([0.0, 1.0, 0.0]), color),
              _Face(_at_y(xz, y0), np.array([0.0, -1.0, 0.0]), color)]
@@ -107,12 +101,10 @@ def _at_y(xz: np.ndarray, y: float) -> np.ndarray:
     return np.column_stack([xz[:, 0], np.full(len(xz), y), xz[:, 1]])
 
 
-def _disc(x: float, z: float, radius: float, y: float, floor: float | None = None) -> np.ndarray:
-    """A circle in the plane at y, as a polygon; with floor, its points below z=floor are raised to it."""
+def _disc(x: float, z: float, radius: float, y: float, floor: float = -np.inf) -> np.ndarray:
+    """A circle in the plane at y, as a polygon; its points below z=floor are raised to it."""
     angles = np.linspace(0.0, 2 * np.pi, 48, endpoint=False)
-    zs = z + radius * np.sin(angles)
-    if floor is not None:
-        zs = np.maximum(zs, floor)
+    zs = np.maximum(z + radius * np.sin(angles), floor)
     return _at_y(np.column_stack([x + radius * np.cos(angles), zs]), y)
 
 
@@ -263,11 +255,8 @@ class _SyntheticCar:
                                    [-half_l, half_w, 0]], dtype=float)
 
     def render(self, view: int, supersample: int, parts: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """View 1..16 as a uint8 (H, W, 3) photo and its uint8 {0, 1} (H, W) mask.
-
-        With parts=True the mask labels each car pixel with the part most of it shows (_BODY, _WINDOW,
-        _WHEEL) instead of 1; its non-zero pixels are exactly the binary mask's.
-        """
+        """View 1..16 as a uint8 (H, W, 3) photo and its uint8 {0, 1} (H, W) mask; with parts=True the mask
+        labels each car pixel with the part most of it shows (_BODY, _WINDOW, _WHEEL) instead of 1."""
         import cv2
 
         angle = -np.pi / 2 + 2 * np.pi * (view - 1) / SYNTHETIC_VIEWS  # view 1 shows the front, as in Carvana
@@ -295,15 +284,13 @@ class _SyntheticCar:
                     continue
                 shade = _AMBIENT + _DIFFUSE * max(0.0, float(face.normal @ light))
                 polygons.append((project(face.points), face.color * shade, True, _BODY))
-                polygons.extend((project(points), color * shade, False, part)
-                                for (points, color), part in zip(face.decals, face.decal_parts))
+                polygons.extend((project(points), color * shade, False, part) for points, color, part in face.decals)
 
         # Draw at `supersample` times the resolution, only over the car's bounding box.
         outline = np.vstack([points for points, _, silhouette, _ in polygons if silhouette])
         x0, y0 = np.maximum(np.floor(outline.min(axis=0)).astype(int) - 1, 0)
         x1, y1 = np.minimum(np.ceil(outline.max(axis=0)).astype(int) + 1, (self.width, self.height))
-        box_w, box_h = x1 - x0, y1 - y0
-        paint = Image.new("RGB", (box_w * supersample, box_h * supersample))
+        paint = Image.new("RGB", ((x1 - x0) * supersample, (y1 - y0) * supersample))
         cover = Image.new("L", paint.size)
         draw_paint, draw_cover = ImageDraw.Draw(paint), ImageDraw.Draw(cover)
         labels = Image.new("L", paint.size) if parts else None
@@ -333,7 +320,10 @@ class _SyntheticCar:
         mask[y0:y1, x0:x1] = 2 * counts >= fine_pixels
         if labels is not None:
             labels.paste(0, mask=outside)
-            mask[y0:y1, x0:x1] *= _majority_part(np.asarray(labels), supersample)
+            # Each pixel takes the part covering most of its fine pixels.
+            blocks = np.asarray(labels).reshape(y1 - y0, supersample, x1 - x0, supersample)
+            votes = np.stack([(blocks == part).sum(axis=(1, 3)) for part in (_BODY, _WINDOW, _WHEEL)])
+            mask[y0:y1, x0:x1] *= (votes.argmax(axis=0) + _BODY).astype(np.uint8)
         return np.clip(np.rint(photo), 0, 255).astype(np.uint8), mask
 
     def _backdrop_with_shadow(self, footprint: np.ndarray) -> np.ndarray:
@@ -346,14 +336,6 @@ class _SyntheticCar:
                               box=(0, 0, self.width / factor, self.height / factor))
         darken = 1 - np.asarray(shadow, dtype=np.float32) * (self.shadow_strength / 255)
         return self.backdrop * darken[:, :, None]
-
-
-def _majority_part(fine: np.ndarray, supersample: int) -> np.ndarray:
-    """uint8 (h, w): the part label covering most of each pixel's fine pixels, from fine labels (h*s, w*s)."""
-    h, w = fine.shape[0] // supersample, fine.shape[1] // supersample
-    blocks = fine.reshape(h, supersample, w, supersample)
-    votes = np.stack([(blocks == part).sum(axis=(1, 3)) for part in (_BODY, _WINDOW, _WHEEL)])
-    return (votes.argmax(axis=0) + _BODY).astype(np.uint8)
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:
@@ -380,20 +362,16 @@ def _synthetic_params(cars: int, width: int, height: int, seed: int, classes: in
 
 
 def _is_complete_synthetic(out: Path, params: dict) -> bool:
-    """True if out holds a complete synthetic dataset made with params; False if it is absent or empty.
-
-    Raises UserError for anything else, so that no other data is overwritten or mistaken for it.
-    """
-    if not out.exists():
+    """True if out holds a complete synthetic dataset made with params, False if it is absent or empty;
+    UserError for anything else, so that no other data is overwritten or mistaken for it."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     if not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
     manifest = out / SYNTHETIC_MANIFEST
     if not manifest.is_file():
-        if any(out.iterdir()):
-            raise UserError(f"{out} already holds files but no {SYNTHETIC_MANIFEST}, so it is not a "
-                            f"synthetic dataset; choose another --out or empty it")
-        return False
+        raise UserError(f"{out} already holds files but no {SYNTHETIC_MANIFEST}, so it is not a "
+                        f"synthetic dataset; choose another --out or empty it")
     try:
         found = json.loads(manifest.read_text())
     except ValueError:
@@ -406,9 +384,8 @@ def _is_complete_synthetic(out: Path, params: dict) -> bool:
                 else f"whose {SYNTHETIC_MANIFEST} is unreadable")
         raise UserError(f"{out} holds a synthetic dataset {held}; choose another --out or delete it to regenerate")
     layout = GENERIC if params.get("classes") else KAGGLE
-    masks = out / layout.mask_dir
-    n_masks = sum(1 for p in masks.iterdir() if not is_hidden(p)) if masks.is_dir() else 0
-    n_images, n_pairs = len(list_images(out, layout)), params["cars"] * params["views"]
+    n_images, n_masks = len(list_images(out, layout)), len(list_masks(out, layout))
+    n_pairs = params["cars"] * params["views"]
     if n_images != n_pairs or n_masks != n_pairs:
         raise UserError(f"{out} is incomplete: {n_images} photos and {n_masks} masks where "
                         f"{SYNTHETIC_MANIFEST} promises {n_pairs} of each; delete it to regenerate")
@@ -436,16 +413,8 @@ def _write_synthetic_car(stream: np.random.SeedSequence, out: Path, width: int, 
 
 def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int] = (480, 320),
                        seed: int = 0, classes: int | None = None, workers: int = 1) -> Path:
-    """Write a synthetic dataset in Kaggle's layout; size is (width, height). Returns out_dir.
-
-    Each car gets 16 views as it turns on a studio backdrop, as JPEGs with exact palette-GIF masks.
-    With classes (2, 3 or 4; SYNTHETIC_CLASSES names them) it is a multi-class dataset in the generic
-    layout instead: images/X.jpg with masks/X.png, palette PNGs whose indices are the classes.
-    The same arguments give byte-identical files, whatever `workers` (the processes rendering cars).
-    The files are written into a temporary sibling folder renamed into place at the end, with
-    synthetic.json recording the arguments; when out_dir already holds the same dataset it is returned
-    as is, and anything else in out_dir raises UserError.
-    """
+    """Write a synthetic dataset of size (width, height) into out_dir, in Kaggle's layout or, with classes, the
+    generic one; returns out_dir. The same arguments give the same bytes, whatever `workers`."""
     out = Path(out_dir)
     width, height = size
     params = _synthetic_params(cars, width, height, seed, classes)
@@ -491,9 +460,7 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
+# --- command line -----------------------------------------------------------------------------
 
 def parse_size(text: str) -> tuple[int, int]:
     """'480x320' -> (480, 320)."""
@@ -506,13 +473,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """synthetic.py's command line; values generate_synthetic would refuse are argparse errors (exit status 2)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None,
                         help="folder to write (default: data/synthetic, or data/synthetic-Nclass with --classes N)")
-    parser.add_argument("--cars", type=int, default=24, help="number of cars, 16 views each")
+    parser.add_argument("--cars", type=int, default=24, help="number of cars, 16 views each (default: %(default)s)")
     parser.add_argument("--size", type=parse_size, default="480x320", metavar="WxH",
-                        help="image size, width x height (Kaggle's is 1918x1280)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+                        help="image size, width x height (default: %(default)s; Kaggle's is 1918x1280)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=usable_cpus(),
                         help="processes rendering cars; the files do not depend on it (default: the usable cores)")
     parser.add_argument("--classes", type=int, default=None, choices=sorted(SYNTHETIC_CLASSES),
@@ -531,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out or ("data/synthetic" if args.classes is None else f"data/synthetic-{args.classes}class")
 
-    def run() -> None:
+    def run() -> None:  # generate_synthetic returns the folder, not an exit status
         generate_synthetic(out, cars=args.cars, size=args.size, seed=args.seed, classes=args.classes,
                            workers=args.workers)
 

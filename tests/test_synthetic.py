@@ -87,7 +87,7 @@ def flat_render(seed: int, view: int, colour: tuple[float, float, float],
     for part in (scene.body, scene.cabin, *scene.mirrors.values()):
         for face in part:
             face.color = np.array(colour)
-            face.decals = [(points, np.array(colour)) for points, _ in face.decals]
+            face.decals = [(points, np.array(colour), part) for points, _, part in face.decals]
     return scene.render(view, supersample=4)
 
 
