@@ -4,18 +4,18 @@
     python check_dataset.py mydata --classes 3         # masks of class indices 0..2
 
 train.py runs the same check before it trains. Photos are checked from their header and last bytes,
-masks are decoded once for their values. Verdicts are cached by file name, size and mtime in
-DIR/.check_cache.json (under ~/.cache/carvana-unet when DIR is read-only), so that checking an unchanged
-dataset again only reads the cache and each file's size and mtime.
+masks are decoded for their values; the verdicts are cached by file size and mtime under ~/.cache, so
+that checking an unchanged dataset again takes a moment, and the dataset folder is only read.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -24,10 +24,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from dataset import IMAGE_DIR, KAGGLE, LAYOUTS, MASK_DIR, Layout, detect_layout, list_images, list_masks, pair_up
-from utils import HelpFormatter, UserError, atomic_write, parallel_map, plural
+from utils import UserError, atomic_write, parallel_map, plural
 
-CHECK_CACHE_NAME = ".check_cache.json"
-CHECK_CACHE_VERSION = 2  # bump when the entries change shape or the verdicts change meaning: old caches are ignored
+CACHE_VERSION = 3  # bump when verdicts change meaning, so that older caches are ignored
 # How each format ends; a file cut short (an interrupted copy or unzip) misses it.
 END_MARKERS = {"JPEG": (b"\xff\xd9", "FF D9 end marker"), "GIF": (b"\x3b", "3B trailer"),
                "PNG": (b"IEND\xaeB`\x82", "IEND chunk")}
@@ -88,19 +87,13 @@ class MaskRule(NamedTuple):
     ignore_index: int | None = None
 
 
-def mask_rule(classes: int, ignore_index: int) -> MaskRule:
-    """The rule for --classes and --ignore-index; a binary mask has no ignore index, so that its cached
-    verdict holds whatever --ignore-index says."""
-    return MaskRule() if classes == 1 else MaskRule(classes, ignore_index)
-
-
-def check_dataset(data_dir: str | Path, cache: bool = True, progress: bool = True, classes: int = 1,
-                  ignore_index: int = 255, in_channels: int = 3) -> CheckReport:
+def check_dataset(data_dir: str | Path, progress: bool = True, classes: int = 1, ignore_index: int = 255,
+                  in_channels: int = 3, cache: bool = True) -> CheckReport:
     """Scan a dataset in either layout for files that would break or silently spoil training.
 
     Photos are checked from their header and last bytes, masks are decoded once for their values
-    (binary for classes=1, class indices below `classes` or ignore_index otherwise); with cache=True
-    the verdicts of unchanged files come from the check cache.
+    (binary for classes=1, class indices below `classes` or ignore_index otherwise); with cache, the
+    verdicts of unchanged files come from the check's cache.
     """
     data_dir = Path(data_dir)
     layout = detect_layout(data_dir)
@@ -111,7 +104,8 @@ def check_dataset(data_dir: str | Path, cache: bool = True, progress: bool = Tru
     mask_of, duplicates = pair_up(images, masks, layout)
     # Orphan masks need no decoding: only photos and the masks that pair with them are inspected.
     paired = {mask for mask in mask_of.values() if mask}
-    verdicts = inspect_files(data_dir, images, paired, cache, progress, mask_rule(classes, ignore_index))
+    rule = MaskRule() if classes == 1 else MaskRule(classes, ignore_index)  # binary masks: any --ignore-index
+    verdicts = inspect_files(data_dir, images, paired, progress, rule, cache)
 
     pairs, notes = [], []
     errors = [f"{path}: {why}" for path, why in duplicates.items()]
@@ -204,37 +198,31 @@ def mode_note(mode: str | None, in_channels: int = 3) -> str | None:
     return f"{what} photo (mode {mode}): load_image {how}"
 
 
-# ---------------------------------------------------------------------------------------------
-# One file's verdict
-# ---------------------------------------------------------------------------------------------
+# --- one file's verdict -----------------------------------------------------------------------
 
-def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], cache: bool, progress: bool,
-                  rule: MaskRule = MaskRule(), workers: int | None = None) -> dict[Path, Verdict]:
-    """The verdict of every photo, and of every mask under `rule`: images first, then the masks sorted.
+def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], progress: bool,
+                  rule: MaskRule = MaskRule(), cache: bool = True, workers: int | None = None) -> dict[Path, Verdict]:
+    """The verdict of every photo, and of every mask under `rule`.
 
-    A verdict comes from the cache while its file's size and mtime (and the rule) are unchanged; the
-    other files are inspected in `workers` threads (default: one per core), since PIL decodes without
-    holding the GIL.
+    A verdict comes from the cache while its file's size and mtime (and the rule) are unchanged; the other
+    files are inspected in `workers` threads (default: one per core), since PIL decodes without the GIL.
     """
-    cache_path = check_cache_path(data_dir) if cache else None
-    cached = load_check_cache(cache_path) if cache_path else {}
-    rule_of = {**dict.fromkeys(images), **dict.fromkeys(sorted(masks), rule)}  # None: a photo, not decoded
-    key_of = {path: path.relative_to(data_dir).as_posix() for path in rule_of}
-    entries, todo = {}, []
-    for path, file_rule in rule_of.items():
-        key, now = key_of[path], file_stamp(path.stat(), file_rule)
-        if cached.get(key, {}).get("stamp") == now:
-            entries[key] = cached[key]
-        else:
-            todo.append((path, now))
-    jobs = [(path, rule_of[path]) for path, _ in todo]
-    found = tqdm(parallel_map(_inspect, jobs, workers, chunk=16, threads=True), total=len(jobs), desc="checking",
+    jobs = [(path, None) for path in images] + [(path, rule) for path in sorted(masks)]  # None: a photo
+    stamps = {path: [path.stat().st_size, path.stat().st_mtime_ns, job_rule and list(job_rule)]
+              for path, job_rule in jobs}
+    cached = load_cache(data_dir) if cache else {}
+    verdicts = {}
+    for path, _ in jobs:
+        entry = cached.get(str(path), {})
+        if entry.get("stamp") == stamps[path]:
+            verdicts[path] = Verdict(entry["size"] and tuple(entry["size"]), entry["mode"], entry["problem"])
+    todo = [job for job in jobs if job[0] not in verdicts]
+    found = tqdm(parallel_map(_inspect, todo, workers, chunk=16, threads=True), total=len(todo), desc="checking",
                  unit="file", disable=not progress, leave=False)
-    for (path, now), verdict in zip(todo, found):
-        entries[key_of[path]] = cache_entry(now, verdict)
-    if cache_path and entries != cached:  # something was inspected, or files were deleted
-        save_check_cache(cache_path, entries)
-    return {path: verdict_of(entries[key]) for path, key in key_of.items()}
+    verdicts.update(zip([path for path, _ in todo], found))
+    if cache and todo:
+        save_cache(data_dir, {str(path): {"stamp": stamps[path], **asdict(v)} for path, v in verdicts.items()})
+    return {path: verdicts[path] for path, _ in jobs}
 
 
 def _inspect(job: tuple[Path, MaskRule | None]) -> Verdict:
@@ -328,63 +316,33 @@ def palette_problem(img: Image.Image, indices: list[int]) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# The check cache: {"version": 2, "files": {name relative to DIR: entry}}
-# ---------------------------------------------------------------------------------------------
+# --- the check's cache: {"version": N, "files": {path: {"stamp": [bytes, mtime_ns, rule], verdict}}} -------
 
-def file_stamp(stat: os.stat_result, rule: MaskRule | None) -> dict:
-    """What a cached verdict holds for: the file's size and mtime, and the rule a mask was checked by
-    (None for a photo); lists, as they come back from JSON."""
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rule": None if rule is None else list(rule)}
-
-
-def cache_entry(stamp: dict, verdict: Verdict) -> dict:
-    """A file's verdict as JSON-ready data, with the stamp it holds for (verdict_of's inverse)."""
-    size = list(verdict.size) if verdict.size else None
-    return {"stamp": stamp, "size": size, "mode": verdict.mode, "problem": verdict.problem}
-
-
-def verdict_of(entry: dict) -> Verdict:
-    """The verdict a cache entry holds (cache_entry's inverse)."""
-    return Verdict(tuple(entry["size"]) if entry["size"] else None, entry["mode"], entry["problem"])
-
-
-def check_cache_path(data_dir: Path) -> Path:
-    """DIR/.check_cache.json when DIR is writable, else a file per dataset under ~/.cache/carvana-unet.
-
-    A folder without write bits was made read-only on purpose (a shared copy of the dataset), so it is
-    left alone even by root, whom os.access lets write anywhere.
-    """
-    if os.access(data_dir, os.W_OK) and data_dir.stat().st_mode & 0o222:
-        return data_dir / CHECK_CACHE_NAME
+def cache_path(data_dir: Path) -> Path:
+    """The dataset's verdict cache, under ~/.cache (or $XDG_CACHE_HOME), so that the dataset folder is only read."""
     digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "carvana-unet" / f"check-{digest}.json"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "carvana-unet" / f"check-{digest}.json"
 
 
-def load_check_cache(path: Path) -> dict[str, dict]:
-    """The cached entries by file name relative to DIR; empty when missing, unreadable or of another version."""
+def load_cache(data_dir: Path) -> dict[str, dict]:
+    """The cached verdicts by file; empty when missing, unreadable or of another version."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(cache_path(data_dir).read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or data.get("version") != CHECK_CACHE_VERSION:
-        return {}
-    return data.get("files", {})
+    return data.get("files", {}) if isinstance(data, dict) and data.get("version") == CACHE_VERSION else {}
 
 
-def save_check_cache(path: Path, entries: dict[str, dict]) -> None:
+def save_cache(data_dir: Path, entries: dict[str, dict]) -> None:
     """Write the cache atomically; a failure only costs the next check the time to inspect again."""
-    try:
+    path = cache_path(data_dir)
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
-            json.dump({"version": CHECK_CACHE_VERSION, "files": entries}, f, separators=(",", ":"))
-    except OSError:
-        pass
+            json.dump({"version": CACHE_VERSION, "files": entries}, f, separators=(",", ":"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
+# --- command line -----------------------------------------------------------------------------
 
 def print_findings(lines: Sequence[str], kind: str, data_dir: str | Path, limit: int = 10) -> None:
     """The first `limit` errors or notes on stderr, so that they do not bury training's output; check_dataset.py
@@ -398,24 +356,24 @@ def print_findings(lines: Sequence[str], kind: str, data_dir: str | Path, limit:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """check_dataset.py's command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", metavar="DIR", help=f"dataset folder in {LAYOUTS}")
     parser.add_argument("--no-cache", dest="cache", action="store_false",
-                        help=f"re-check every file, neither reading nor writing the cache (by default "
-                             f"DIR/{CHECK_CACHE_NAME}, or a file under ~/.cache/carvana-unet for a read-only DIR)")
+                        help="inspect every file again, neither reading nor writing the check's cache (under "
+                             "~/.cache/carvana-unet)")
     parser.add_argument("--classes", type=int, default=1,
-                        help="1: binary masks (0/1 or 0/255); N >= 2: masks hold class indices 0..N-1")
+                        help="1 (default): binary masks (0/1 or 0/255); N >= 2: masks hold class indices 0..N-1")
     parser.add_argument("--ignore-index", type=int, default=255,
-                        help="with --classes N: the mask value of unlabelled pixels")
+                        help="with --classes N: the mask value of unlabelled pixels (default: %(default)s)")
     parser.add_argument("--in-channels", type=int, choices=(1, 3), default=3,
-                        help="3: photos are loaded as RGB, 1: as grey (decides which photos get a note)")
+                        help="3 (default): photos are loaded as RGB, 1: as grey (decides which photos get a note)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the check's summary, then every error and note: exit status 0 when fine (notes allowed), 1 on errors."""
     args = parse_args(argv)
-    report = check_dataset(args.data_dir, cache=args.cache, progress=sys.stderr.isatty(), classes=args.classes,
+    report = check_dataset(args.data_dir, progress=sys.stderr.isatty(), classes=args.classes, cache=args.cache,
                            ignore_index=args.ignore_index, in_channels=args.in_channels)
     print(report.summary())
     for line in report.errors:

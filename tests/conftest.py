@@ -1,6 +1,7 @@
 """Shared fixtures: small generated datasets (tests never need the real Carvana data)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,12 @@ sys.path.insert(0, str(ROOT))
 import synthetic  # noqa: E402
 
 SHARED_CARVANA = ROOT.parent / "shared" / "carvana"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def check_cache_in_tmp(tmp_path_factory) -> None:
+    """The dataset check caches its verdicts in a temporary folder, not in the user's ~/.cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))  # subprocesses inherit it
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ pytestmark = needs_shared_carvana()
 
 
 def test_real_pairs_pass_the_check_and_split_by_car():
-    report = check_dataset.check_dataset(SHARED_CARVANA, cache=False, progress=False)
+    report = check_dataset.check_dataset(SHARED_CARVANA, progress=False, cache=False)
     assert report.ok and len(report.pairs) == 512
     train, val = ds.split_by_group(report.pairs, 4, seed=0)
     assert len(val) == 4 and len(train) == 28 and not set(train) & set(val)

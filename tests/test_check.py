@@ -1,4 +1,5 @@
-"""The dataset check: every kind of bad file is named with its problem, notes don't fail, the cache works."""
+"""The dataset check: every bad file is named with its problem, notes don't fail, the cache works, the dataset is
+only read."""
 import json
 import os
 import subprocess
@@ -236,7 +237,7 @@ def test_no_traceback_when_pil_raises_something_unexpected(data, monkeypatch):
     def broken(img):
         raise SyntaxError("not a GIF file")
     monkeypatch.setattr(cd, "decode_mask_values", broken)
-    report = cd.check_dataset(data, cache=False, progress=False)
+    report = cd.check_dataset(data, progress=False)
     assert len(report.errors) == 4 and "SyntaxError: not a GIF file" in report.errors[0]
 
 
@@ -246,7 +247,7 @@ def refuse_to_decode(img):
 
 def test_second_run_uses_the_cache(data, monkeypatch):
     first = cd.check_dataset(data, progress=False)
-    assert (data / cd.CHECK_CACHE_NAME).is_file()
+    assert cd.cache_path(data).is_file()
     monkeypatch.setattr(cd, "decode_mask_values", refuse_to_decode)
     assert cd.check_dataset(data, progress=False) == first
 
@@ -256,16 +257,6 @@ def test_bad_verdicts_are_cached_too(data, monkeypatch):
     first = cd.check_dataset(data, progress=False)
     monkeypatch.setattr(cd, "decode_mask_values", refuse_to_decode)
     assert cd.check_dataset(data, progress=False) == first and len(first.errors) == 1
-
-
-def test_a_modified_file_is_checked_again(data, monkeypatch):
-    assert cd.check_dataset(data, progress=False).ok
-    victim = mask_of(data, 3)
-    mtime_ns = victim.stat().st_mtime_ns
-    write_mask(victim, extra=7, palette=GREY_PALETTE)
-    os.utime(victim, ns=(mtime_ns, mtime_ns + 10**9))  # a later mtime even on coarse clocks
-    report = cd.check_dataset(data, progress=False)
-    assert len(report.errors) == 1 and str(victim) in report.errors[0] and "7" in report.errors[0]
 
 
 def test_a_touched_file_is_decoded_again_and_only_it(data, monkeypatch):
@@ -280,23 +271,46 @@ def test_a_touched_file_is_decoded_again_and_only_it(data, monkeypatch):
     assert len(decoded) == 1
 
 
+def test_other_classes_are_checked_again_not_taken_from_the_cache(data):
+    assert cd.check_dataset(data, progress=False).ok
+    report = cd.check_dataset(data, progress=False, classes=2)  # index 1 is fine as a class, but re-decoded
+    assert report.ok
+    write_mask(mask_of(data, 2), car=3)
+    assert len(cd.check_dataset(data, progress=False, classes=3).errors) == 1
+
+
 def test_no_cache_flag_neither_reads_nor_writes(data, capsys):
     assert run_check(data, capsys, "--no-cache")[0] == 0
-    assert not (data / cd.CHECK_CACHE_NAME).exists()
+    assert not cd.cache_path(data).exists()
 
 
-def test_read_only_dataset_caches_under_home(data, monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+def test_an_outdated_or_corrupt_cache_is_ignored_and_rewritten(data):
+    cache = cd.cache_path(data)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    for junk in ('{"version": 1, "files": {"train/000000000000_01.jpg": {"bytes": 0}}}', "{not json"):
+        cache.write_text(junk)
+        assert cd.check_dataset(data, progress=False).ok
+        assert json.loads(cache.read_text())["version"] == cd.CACHE_VERSION
+
+
+def test_the_check_only_reads_the_dataset_even_a_read_only_one(data, capsys):
+    before = sorted((p, p.stat().st_mtime_ns) for p in data.rglob("*"))
     data.chmod(0o555)
     try:
-        assert cd.check_dataset(data, progress=False).ok
-        assert not (data / cd.CHECK_CACHE_NAME).exists()
-        cached = list((tmp_path / "home" / ".cache" / "carvana-unet").glob("check-*.json"))
-        assert len(cached) == 1
-        monkeypatch.setattr(cd, "decode_mask_values", refuse_to_decode)
-        assert cd.check_dataset(data, progress=False).ok
+        assert run_check(data, capsys)[0] == 0
     finally:
         data.chmod(0o755)
+    assert sorted((p, p.stat().st_mtime_ns) for p in data.rglob("*")) == before  # nothing written or touched
+
+
+def test_a_modified_file_is_checked_again(data, monkeypatch):
+    assert cd.check_dataset(data, progress=False).ok
+    victim = mask_of(data, 3)
+    mtime_ns = victim.stat().st_mtime_ns
+    write_mask(victim, extra=7, palette=GREY_PALETTE)
+    os.utime(victim, ns=(mtime_ns, mtime_ns + 10**9))  # a later mtime even on coarse clocks
+    report = cd.check_dataset(data, progress=False)
+    assert len(report.errors) == 1 and str(victim) in report.errors[0] and "7" in report.errors[0]
 
 
 def test_checking_in_threads_gives_the_same_verdicts(tmp_path):
@@ -305,20 +319,11 @@ def test_checking_in_threads_gives_the_same_verdicts(tmp_path):
     write_mask(mask_of(data, 5), extra=7, palette=GREY_PALETTE)
     photo(data, 30).write_bytes(photo(data, 30).read_bytes()[:200])  # truncated
     images, masks = ds.list_images(data), set(ds.list_masks(data))
-    rule = cd.mask_rule(1, 255)
-    alone = cd.inspect_files(data, images, masks, cache=False, progress=False, rule=rule, workers=1)
-    forked = cd.inspect_files(data, images, masks, cache=False, progress=False, rule=rule, workers=2)
+    alone = cd.inspect_files(data, images, masks, progress=False, cache=False, workers=1)
+    forked = cd.inspect_files(data, images, masks, progress=False, cache=False, workers=2)
     assert forked == alone and list(forked) == list(alone)
     bad = {path for path, verdict in forked.items() if verdict.problem}
     assert bad == {mask_of(data, 5), photo(data, 30)}
-
-
-def test_an_outdated_or_corrupt_cache_is_ignored_and_rewritten(data):
-    cache = data / cd.CHECK_CACHE_NAME
-    for junk in ('{"version": 1, "files": {"train/000000000000_01.jpg": {"bytes": 0}}}', "{not json"):
-        cache.write_text(junk)
-        assert cd.check_dataset(data, progress=False).ok
-        assert json.loads(cache.read_text())["version"] == cd.CHECK_CACHE_VERSION
 
 
 def test_usable_pairs_of_a_good_dataset(data, capsys):

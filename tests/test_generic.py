@@ -235,7 +235,7 @@ def test_multiclass_synthetic_masks_refine_the_binary_ones(tmp_path: Path) -> No
         seen |= set(np.unique(labels).tolist())
     assert seen == {0, 1, 2, 3}  # background, body, windows, wheels
     assert check_dataset.check_dataset(multi, progress=False, classes=4).ok
-    report = check_dataset.check_dataset(multi, progress=False, classes=3)  # re-checked, not taken from the cache
+    report = check_dataset.check_dataset(multi, progress=False, classes=3)
     assert not report.ok and "class index 3 is not below --classes 3" in report.errors[0]
 
 
