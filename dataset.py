@@ -33,9 +33,7 @@ MASK_FIX = f"replace it from Kaggle's {MASK_DIR}.zip or delete it and its photo"
 CARVANA_NAME = re.compile(r"[0-9a-f]{12}_\d{2}")  # '0cdf5b5d0ce1_07': a car id and a view
 
 
-# ---------------------------------------------------------------------------------------------
-# Folder layouts, pairing and the split
-# ---------------------------------------------------------------------------------------------
+# --- folder layouts, pairing and the split ----------------------------------------------------
 
 @dataclass(frozen=True)
 class Layout:
@@ -219,9 +217,7 @@ def pairs_of_groups(pairs: Sequence[tuple[Path, Path]], groups: Sequence[str]) -
 
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading and augmentations
-# ---------------------------------------------------------------------------------------------
+# --- loading and augmentations ----------------------------------------------------------------
 
 def load_image(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
     """A photo as uint8 (H, W, channels), RGB for 3 channels, grey for 1; with size=(height, width), resized to it.
@@ -244,7 +240,7 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None, channels: 
 
 
 def to_rgb(img: Image.Image, mode: str = "RGB") -> Image.Image:
-    """Any photo as 8-bit RGB (or grey, mode 'L'): 16-bit grey scaled (not clipped) to 8 bits, alpha dropped, CMYK via PIL."""
+    """Any photo as 8-bit RGB (or grey, mode 'L'): 16-bit grey scaled to 8 bits, alpha dropped, CMYK via PIL."""
     if img.mode.startswith("I"):  # 16-bit PNGs open as 'I;16' or 'I' depending on PIL's version
         grey = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
         img = Image.fromarray(((grey + 128) // 257).astype(np.uint8))  # 65535 -> 255, rounded
@@ -345,9 +341,7 @@ def to_tensors(image: np.ndarray, mask: np.ndarray, classes: bool = False) -> tu
     return image_t, (mask_t.long() if classes else mask_t.unsqueeze(0).float().div_(255))
 
 
-# ---------------------------------------------------------------------------------------------
-# Dataset
-# ---------------------------------------------------------------------------------------------
+# --- dataset ----------------------------------------------------------------------------------
 
 class SegmentationDataset(Dataset):
     """Image/mask pairs (Carvana's or any other) decoded straight to the training size, then augmented together.

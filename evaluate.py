@@ -29,19 +29,21 @@ from train import Setup, checked_pairs, default_workers
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """evaluate.py's command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
                         help="checkpoint written by train.py (e.g. runs/NAME/best.pt), or a run folder (its last.pt)")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help="dataset folder holding the run's validation cars (default: the run's --val-dir, "
                              "else its --data-dir)")
     parser.add_argument("--all", action="store_true",
-                        help="score every image of --data-dir, e.g. cars the run never saw, not only its validation cars")
+                        help="score every image of --data-dir (cars the run never saw, say), not only the run's "
+                             "validation cars")
     parser.add_argument("--tta", action="store_true", help="also score horizontal-flip TTA (2x the compute)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's)")
     parser.add_argument("--workers", type=int, default=None,
                         help="data-loading processes, 0 loads in the main process (default: as train.py)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: cuda, then mps, then cpu), cuda, cuda:1, mps or cpu")
     return parser.parse_args(argv)
 
 

@@ -37,9 +37,7 @@ from utils import UserError
 IMAGE_EXTENSIONS = GENERIC.image_extensions
 
 
-# ---------------------------------------------------------------------------------------------
-# Inputs and outputs
-# ---------------------------------------------------------------------------------------------
+# --- inputs and outputs -----------------------------------------------------------------------
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     """The images named by inputs, in order: files as given, folders' images sorted by name; no repeats."""
@@ -114,9 +112,7 @@ def open_submission(path: Path | None) -> Iterator[Any]:
                 stream.close()  # writes the gzip trailer; raw stays open for atomic_write to sync
 
 
-# ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
+# --- model ------------------------------------------------------------------------------------
 
 def load_segmentation_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
     """(model in eval mode, channels_last, on device; its training size (height, width)) from a checkpoint.
@@ -205,25 +201,22 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int]
             yield paths[index], mask.cpu().numpy()
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
+# --- command line -----------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """predict.py's command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    required = {"required": True, "default": argparse.SUPPRESS}  # no "(default: None)" in the help
-    parser.add_argument("--checkpoint", type=Path, metavar="FILE", **required,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, metavar="FILE", required=True,
                         help="checkpoint written by train.py (e.g. runs/NAME/best.pt), or a run folder "
                              "(its last.pt); it gives the architecture and the input size")
-    parser.add_argument("--input", type=Path, nargs="+", metavar="PATH", **required,
+    parser.add_argument("--input", type=Path, nargs="+", metavar="PATH", required=True,
                         help=f"images and/or folders of images ({', '.join(IMAGE_EXTENSIONS)}; "
                              f"hidden files skipped, taken in name order)")
-    parser.add_argument("--output", type=Path, metavar="DIR", **required,
+    parser.add_argument("--output", type=Path, metavar="DIR", required=True,
                         help="folder for X_mask.png (and X_overlay.jpg) per image X; created if needed")
     parser.add_argument("--threshold", type=float, default=0.5, metavar="P",
-                        help="binary models: a pixel is car when its probability is above this "
-                             "(multi-class models take the likeliest class)")
+                        help="binary models: a pixel is car when its probability is above this (default: "
+                             "%(default)s; multi-class models take the likeliest class)")
     parser.add_argument("--overlay", action="store_true",
                         help="also write X_overlay.jpg: the mask tinted over the full-resolution photo "
                              "(one colour per foreground class for multi-class models)")
@@ -233,9 +226,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="also write a Kaggle submission (img,rle_mask) here; gzip-compressed if it ends "
                              "in .gz (binary models only)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
-                        help="images per forward pass")
+                        help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", metavar="NAME",
-                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+                        help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--workers", type=int, default=min(4, utils.usable_cpus()), metavar="N",
                         help="DataLoader processes decoding images; min(4, usable CPUs) by default, 0 decodes "
                              "in the main process")
@@ -261,7 +254,7 @@ def run(args: argparse.Namespace) -> None:
         args.output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{args.output}: cannot create the output folder ({e.strerror or e})") from None
-    kind = ("" if model.config["in_channels"] == 3 else ", grayscale") + ("" if classes == 1 else f", {classes} classes")
+    kind = ("" if model.config["in_channels"] == 3 else ", grayscale") + (f", {classes} classes" if classes > 1 else "")
     print(f"{len(paths)} image(s) -> {args.output}: model input {size[0]}x{size[1]}{kind} on {device}"
           f"{', TTA' if args.tta else ''}")
     predictions = predict_paths(model, paths, size, batch_size=args.batch_size, workers=args.workers,
@@ -281,9 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return utils.run_program(lambda: run(args), status=2)
 
 
-# ---------------------------------------------------------------------------------------------
-# Kaggle's run-length encoding, for the submission
-# ---------------------------------------------------------------------------------------------
+# --- Kaggle's run-length encoding, for the submission -----------------------------------------
 # Kaggle numbers pixels from 1, row by row (row-major over the (1280, 1918) array, as in
 # train_masks.csv), and writes "start length" pairs separated by spaces; an empty mask is "".
 

@@ -33,75 +33,82 @@ from model import UNet, count_parameters
 from task import Task, make_task
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
+# --- command line -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of train.py, with its default."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=None,
-                      help=f"dataset folder in {ds.LAYOUTS}; default: data/carvana, or data/synthetic with --synthetic")
+                      help=f"dataset folder in {ds.LAYOUTS} (default: data/carvana, or data/synthetic with "
+                           f"--synthetic)")
     data.add_argument("--val-dir", default=None,
-                      help="validation set in its own folder (either layout); default: split --data-dir")
+                      help="validation set in its own folder, either layout (default: split --data-dir)")
     data.add_argument("--synthetic", action="store_true",
                       help="train on the synthetic Carvana-format dataset, generating it on first use")
-    data.add_argument("--synthetic-cars", type=int, default=24, help="cars in the generated synthetic dataset")
+    data.add_argument("--synthetic-cars", type=int, default=24, help="cars in it (default: %(default)s)")
     data.add_argument("--skip-bad", action="store_true",
                       help="train on the good pairs when the dataset check finds errors (default: refuse to start)")
     data.add_argument("--val-cars", type=float, default=0.2,
-                      help="without --val-dir, held out for validation: a count (>= 1) or a fraction (< 1) of "
-                           "the cars (Carvana-named images: all views of a car on one side) or else of the images")
+                      help="without --val-dir, held out for validation: a count (>= 1) or a fraction (< 1) of the cars "
+                           "(all views of a car on one side), or of the images when they are not Carvana-named "
+                           "(default: %(default)s)")
     data.add_argument("--classes", type=int, default=1,
-                      help="1: binary masks (0/1 or 0/255), sigmoid, BCE + soft Dice; N >= 2: masks hold class "
-                           "indices 0..N-1, softmax cross-entropy + soft Dice, per-class IoU/Dice")
+                      help="1 (default): binary masks (0/1 or 0/255), sigmoid, BCE + soft Dice; N >= 2: masks hold "
+                           "class indices 0..N-1, softmax cross-entropy + soft Dice, per-class IoU/Dice")
     data.add_argument("--ignore-index", type=int, default=255,
-                      help="with --classes N: the mask value of unlabelled pixels, left out of the loss and metrics")
-    data.add_argument("--height", type=int, default=160, help="training height in pixels")
-    data.add_argument("--width", type=int, default=240, help="training width in pixels")
+                      help="with --classes N: the mask value of unlabelled pixels, left out of the loss and metrics "
+                           "(default: %(default)s)")
+    data.add_argument("--height", type=int, default=160, help="training height in pixels (default: %(default)s)")
+    data.add_argument("--width", type=int, default=240, help="training width in pixels (default: %(default)s)")
     data.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                       help="keep the decoded images in memory shared by the workers, so only the first epoch "
-                           "decodes (4 bytes a pixel, allocated up front)")
+                           "decodes (4 bytes a pixel, allocated up front; default: on)")
     data.add_argument("--soft-masks", action=argparse.BooleanOptionalAction, default=True,
                       help="binary masks: train on each small pixel's car coverage instead of 0/1, so that the "
-                           "edge lands where it is at full resolution")
+                           "edge lands where it is at full resolution (default: on)")
     data.add_argument("--workers", type=int, default=None,
                       help="data-loading processes, 0 loads in the main process (default: on a GPU all of this "
                            "process's CPUs but two, at most 16; on the CPU half of them, at most 4)")
 
     model = p.add_argument_group("model")
     model.add_argument("--features", type=int, nargs="+", default=[64, 128, 256, 512],
-                       help="channels of each encoder level, e.g. --features 32 64 128 256")
+                       help="channels of each encoder level (default: %(default)s)")
     model.add_argument("--in-channels", type=int, choices=(1, 3), default=3,
-                       help="image channels: 3 loads images as RGB, 1 as 8-bit grey (medical, microscopy)")
+                       help="3 (default) loads images as RGB, 1 as 8-bit grey (medical, microscopy)")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=10, help="number of epochs")
-    opt.add_argument("--batch-size", type=int, default=8, help="images per step (per process under torchrun)")
-    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the one-cycle schedule")
-    opt.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    opt.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0 disables)")
-    opt.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation, shuffling and augmentation")
+    opt.add_argument("--epochs", type=int, default=10, help="number of epochs (default: %(default)s)")
+    opt.add_argument("--batch-size", type=int, default=8,
+                     help="images per step, per process under torchrun (default: %(default)s)")
+    opt.add_argument("--lr", type=float, default=1e-3,
+                     help="peak learning rate of the one-cycle schedule (default: %(default)s)")
+    opt.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
+    opt.add_argument("--clip-grad", type=float, default=1.0,
+                     help="gradient-norm clipping, 0 disables (default: %(default)s)")
+    opt.add_argument("--seed", type=int, default=0,
+                     help="seed of the split, initialisation, shuffling and augmentation (default: %(default)s)")
 
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default=None,
                      help="run folder (default: runs/<date-time>; with --resume, the checkpoint's folder)")
-    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu")
+    run.add_argument("--device", default="auto",
+                     help="auto (default: cuda, then mps, then cpu), cuda, cuda:1, mps or cpu")
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                     help="mixed precision: auto = bf16 on CUDA and on CPUs with bf16 units, "
+                     help="mixed precision; auto (default) = bf16 on CUDA and on CPUs with bf16 units, "
                           "fp16 with a grad scaler on older GPUs, off elsewhere")
     run.add_argument("--fp32-warmup", type=float, default=0.05, metavar="FRACTION",
-                     help="this fraction of the optimizer steps, from the first, trains in fp32 before --amp "
-                          "takes over, since bf16 gradients are least accurate from a random start; 0: --amp throughout")
+                     help="this fraction of the optimizer steps, from the first, trains in fp32 before --amp takes "
+                          "over, since bf16 gradients are least accurate from a random start (default: %(default)s)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="channels_last memory format (faster convolutions on CPU and tensor cores)")
+                     help="channels_last memory format, faster convolutions on CPU and tensor cores (default: on)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model (pays off on long GPU runs); with an fp32 warm-up it compiles "
                           "twice, once for the fp32 steps and once for mixed precision")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     run.add_argument("--num-predictions", type=int, default=4,
-                     help="validation images saved to predictions/ whenever validation Dice improves")
+                     help="validation images saved to predictions/ whenever validation Dice improves "
+                          "(default: %(default)s)")
     run.add_argument("--resume", default=None, metavar="PATH",
                      help="checkpoint (or run folder, meaning its last.pt) to continue from, with its settings "
                           "unless given here")
@@ -135,9 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
     return args, state
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
+# --- the run ----------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, then train; returns the exit status (1 after a user error, 130 when stopped)."""
@@ -166,6 +171,9 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
     start_epoch, best_dice, rows, progress = 1, -1.0, [], None
     if state is not None:
         opt.load_state_dict(state)
+        if opt.scheduler.total_steps != args.epochs * len(train_loader):  # the one-cycle schedule spans the run
+            raise utils.UserError(f"{args.resume} trains for {opt.scheduler.total_steps} steps, not "
+                                  f"{args.epochs * len(train_loader)}: resume with the run's --epochs and --batch-size")
         torch.set_rng_state(state["rng"])
         start_epoch, best_dice = state["epoch"] + 1, state["best_dice"]
         rows, progress = list(state.get("metrics", [])), state.get("progress")
@@ -311,9 +319,7 @@ def save_predictions(net: torch.nn.Module, data: ds.SegmentationDataset, indices
     utils.save_prediction_images(images, setup.task.truth(masks), labels, names, out_dir, setup.task.classes)
 
 
-# ---------------------------------------------------------------------------------------------
-# Set-up: processes, data, model, optimisation
-# ---------------------------------------------------------------------------------------------
+# --- set-up: processes, data, model, optimisation ---------------------------------------------
 
 @dataclass(frozen=True)
 class Setup:
@@ -490,9 +496,7 @@ def describe_run(args: argparse.Namespace, setup: Setup, net: UNet, train_pairs:
             f"{setup.amp_dtype or 'off'}{f' after {warmup} fp32 steps' if warmup else ''}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Stopping: signals and a diverged loss
-# ---------------------------------------------------------------------------------------------
+# --- stopping: signals and a diverged loss ----------------------------------------------------
 
 class StopRequested(Exception):
     """SIGINT or SIGTERM arrived; carries the interrupted epoch's progress so it can be resumed."""

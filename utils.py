@@ -25,9 +25,7 @@ from PIL import Image
 from model import UNet
 
 
-# ---------------------------------------------------------------------------------------------
-# Programs: user errors, help, files, CPUs
-# ---------------------------------------------------------------------------------------------
+# --- programs: user errors, files, CPUs -------------------------------------------------------
 
 class UserError(Exception):
     """A problem the user can fix (a flag, a file, a folder), printed as one line that says how, no traceback."""
@@ -40,16 +38,6 @@ def run_program(run: Callable[[], int | None], status: int = 1) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return status
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with each flag's default (unless it is None/False or the help names it), docstring kept as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "default" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 @contextlib.contextmanager
@@ -104,9 +92,7 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
+# --- checkpoints ------------------------------------------------------------------------------
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
@@ -119,7 +105,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint (or a run folder's last.pt) with weights_only=True, so a pickle that would run code is refused."""
+    """Load a checkpoint (or a run folder's last.pt) with weights_only=True: a pickle that would run code is refused."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
@@ -163,9 +149,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UN
     return model, state
 
 
-# ---------------------------------------------------------------------------------------------
-# Devices and precision
-# ---------------------------------------------------------------------------------------------
+# --- devices and precision --------------------------------------------------------------------
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu; other names are checked."""
@@ -242,9 +226,7 @@ def sync_buffers_from_rank0(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
+# --- metrics ----------------------------------------------------------------------------------
 
 class BinaryMetrics:
     """Dice, IoU and pixel accuracy accumulated over a whole set of binary masks.
@@ -349,9 +331,7 @@ class MulticlassMetrics:
         }
 
 
-# ---------------------------------------------------------------------------------------------
-# Pictures and tables: masks, prediction panels, metrics.csv, curves.png
-# ---------------------------------------------------------------------------------------------
+# --- pictures and tables: masks, prediction panels, metrics.csv, curves.png -------------------
 
 # Class colours: background black, then Sasha Trubetskoy's 20 distinct colours; more classes get hues
 # spread by the golden ratio. Indices with no class (e.g. the ignore index 255) are white.

@@ -56,6 +56,14 @@ def test_checkpoint_holds_everything_to_resume(two_epoch_run):
     assert best["best_dice"] == max(r["val_dice"] for r in utils.read_metrics_csv(two_epoch_run / "metrics.csv"))
 
 
+def test_resume_with_other_epochs_is_refused_in_one_line_and_changes_nothing(two_epoch_run, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in two_epoch_run.iterdir()}
+    assert train.main(["--resume", str(two_epoch_run), "--epochs", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "--epochs" in err[-1] and "Traceback" not in "\n".join(err)
+    assert {p.name: p.stat().st_mtime_ns for p in two_epoch_run.iterdir()} == before
+
+
 def test_empty_data_dir_exits_with_both_commands(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path / "nothing")],
                             capture_output=True, text=True, cwd=train.Path(train.__file__).parent)
