@@ -80,8 +80,7 @@ class Verdict:
 
 
 class MaskRule(NamedTuple):
-    """What a mask's values must be: binary ({0, 1} or {0, 255}) for classes=1, else class indices below
-    `classes` or ignore_index (unlabelled pixels)."""
+    """What a mask's values must be: binary for classes=1, else class indices below `classes` or ignore_index."""
 
     classes: int = 1
     ignore_index: int | None = None
@@ -89,12 +88,8 @@ class MaskRule(NamedTuple):
 
 def check_dataset(data_dir: str | Path, progress: bool = True, classes: int = 1, ignore_index: int = 255,
                   in_channels: int = 3, cache: bool = True) -> CheckReport:
-    """Scan a dataset in either layout for files that would break or silently spoil training.
-
-    Photos are checked from their header and last bytes, masks are decoded once for their values
-    (binary for classes=1, class indices below `classes` or ignore_index otherwise); with cache, the
-    verdicts of unchanged files come from the check's cache.
-    """
+    """Scan a dataset in either layout for files that would break or silently spoil training; masks must be
+    binary for classes=1, else class indices below `classes` or ignore_index."""
     data_dir = Path(data_dir)
     layout = detect_layout(data_dir)
     images, masks = list_images(data_dir, layout), list_masks(data_dir, layout)
@@ -115,19 +110,16 @@ def check_dataset(data_dir: str | Path, progress: bool = True, classes: int = 1,
         if not problems:
             pairs.append((image, mask))
             notes += [f"{image}: {note}"] if (note := mode_note(verdicts[image].mode, in_channels)) else []
-    errors += [orphan_mask_error(mask, layout, data_dir) for mask in masks
-               if mask not in paired and mask not in duplicates]
+    errors += [f"{mask}: no photo (expected {layout.expected_image(mask, data_dir)}); add the photo or delete the mask"
+               for mask in masks if mask not in paired and mask not in duplicates]
     return CheckReport(pairs=pairs, errors=errors, notes=notes, skipped=len(images) - len(pairs))
 
 
 def usable_pairs(data_dir: str | Path, skip_bad: bool = False, classes: int = 1, ignore_index: int = 255,
                  in_channels: int = 3, announce: bool = True) -> list[tuple[Path, Path]]:
-    """The good pairs to train on, after the check; with announce, its first errors and notes go to stderr
-    (announce=False for every process of a distributed run but one).
-
-    Raises UserError when no pair is usable, or when files have errors and not skip_bad: leaving files
-    out of training is the user's call, never a silent one.
-    """
+    """The good pairs to train on, after the check (its first errors and notes on stderr with announce); a
+    UserError when none is usable, or when some files have errors and not skip_bad: leaving them out is the
+    user's call, never a silent one."""
     report = check_dataset(data_dir, progress=announce and sys.stderr.isatty(), classes=classes,
                            ignore_index=ignore_index, in_channels=in_channels)
     if announce:
@@ -170,19 +162,10 @@ def pair_problems(image: Path, mask: Path | None, verdicts: dict[Path, Verdict],
     if verdicts[mask].problem:
         problems.append(f"{mask}: {verdicts[mask].problem}; {layout.mask_fix}")
     elif verdicts[image].size and verdicts[mask].size != verdicts[image].size:
-        problems.append(f"{mask}: mask is {size_text(verdicts[mask].size)} but its photo {image} is "
-                        f"{size_text(verdicts[image].size)}; {layout.mask_fix}")
+        (mask_w, mask_h), (image_w, image_h) = verdicts[mask].size, verdicts[image].size
+        problems.append(f"{mask}: mask is {mask_w}x{mask_h} but its photo {image} is {image_w}x{image_h}; "
+                        f"{layout.mask_fix}")
     return problems
-
-
-def orphan_mask_error(mask: Path, layout: Layout, data_dir: Path) -> str:
-    """The error for a mask whose photo is missing."""
-    return f"{mask}: no photo (expected {layout.expected_image(mask, data_dir)}); add the photo or delete the mask"
-
-
-def size_text(size: Sequence[int]) -> str:
-    """(1918, 1280) -> '1918x1280'."""
-    return f"{size[0]}x{size[1]}"
 
 
 def mode_note(mode: str | None, in_channels: int = 3) -> str | None:
@@ -217,17 +200,12 @@ def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], progress
         if entry.get("stamp") == stamps[path]:
             verdicts[path] = Verdict(entry["size"] and tuple(entry["size"]), entry["mode"], entry["problem"])
     todo = [job for job in jobs if job[0] not in verdicts]
-    found = tqdm(parallel_map(_inspect, todo, workers, chunk=16, threads=True), total=len(todo), desc="checking",
-                 unit="file", disable=not progress, leave=False)
+    found = tqdm(parallel_map(lambda job: inspect_file(*job), todo, workers, chunk=16, threads=True), total=len(todo),
+                 desc="checking", unit="file", disable=not progress, leave=False)
     verdicts.update(zip([path for path, _ in todo], found))
     if cache and todo:
         save_cache(data_dir, {str(path): {"stamp": stamps[path], **asdict(v)} for path, v in verdicts.items()})
     return {path: verdicts[path] for path, _ in jobs}
-
-
-def _inspect(job: tuple[Path, MaskRule | None]) -> Verdict:
-    """inspect_file(path, rule) for parallel_map, which passes each job as one argument."""
-    return inspect_file(*job)
 
 
 def inspect_file(path: Path, rule: MaskRule | None = None) -> Verdict:
@@ -300,10 +278,7 @@ def class_values_problem(img: Image.Image, rule: MaskRule) -> str | None:
 
 
 def palette_problem(img: Image.Image, indices: list[int]) -> str | None:
-    """Why a palette would make load_mask misread the mask, or None.
-
-    load_mask keeps grey > 0 as car, so index 0 must look black and the other index must not.
-    """
+    """Why a palette would make load_mask, which keeps grey > 0 as car, misread the mask; or None."""
     palette = img.getpalette()
     if palette is None:
         return None
@@ -359,8 +334,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", metavar="DIR", help=f"dataset folder in {LAYOUTS}")
     parser.add_argument("--no-cache", dest="cache", action="store_false",
-                        help="inspect every file again, neither reading nor writing the check's cache (under "
-                             "~/.cache/carvana-unet)")
+                        help="inspect every file again, without the check's cache (~/.cache/carvana-unet)")
     parser.add_argument("--classes", type=int, default=1,
                         help="1 (default): binary masks (0/1 or 0/255); N >= 2: masks hold class indices 0..N-1")
     parser.add_argument("--ignore-index", type=int, default=255,

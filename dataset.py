@@ -28,8 +28,6 @@ IMAGE_DIR = "train"
 MASK_DIR = "train_masks"
 MASK_SUFFIX = "_mask.gif"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg")
-IMAGE_FIX = f"replace it from Kaggle's {IMAGE_DIR}.zip or delete it"
-MASK_FIX = f"replace it from Kaggle's {MASK_DIR}.zip or delete it and its photo"
 CARVANA_NAME = re.compile(r"[0-9a-f]{12}_\d{2}")  # '0cdf5b5d0ce1_07': a car id and a view
 
 
@@ -71,7 +69,9 @@ def _one_of(folder: Path, stem: str, endings: Sequence[str]) -> str:
 
 
 KAGGLE = Layout("Kaggle's", IMAGE_DIR, MASK_DIR, IMAGE_EXTENSIONS, (MASK_SUFFIX,),
-                f"DIR/{IMAGE_DIR}/*.jpg and DIR/{MASK_DIR}/*{MASK_SUFFIX}", IMAGE_FIX, MASK_FIX)
+                f"DIR/{IMAGE_DIR}/*.jpg and DIR/{MASK_DIR}/*{MASK_SUFFIX}",
+                f"replace it from Kaggle's {IMAGE_DIR}.zip or delete it",
+                f"replace it from Kaggle's {MASK_DIR}.zip or delete it and its photo")
 GENERIC = Layout("the generic", "images", "masks", (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"),
                  (".png", ".gif", ".tif", ".tiff", ".bmp"),
                  "DIR/images/* and DIR/masks/*, paired by file stem (images/X.jpg with masks/X.png)",
@@ -148,10 +148,8 @@ def _files_in(data_dir: str | Path, sub: str | None, wanted: Callable[[Path], bo
 
 def pair_up(images: Sequence[Path], masks: Sequence[Path],
             layout: Layout) -> tuple[dict[Path, Path | None], dict[Path, str]]:
-    """({image: its mask or None}, {file: why it is left out}) matching names, never positions.
-
-    Two images (or two masks) with one stem cannot be told apart: the later ones are left out.
-    """
+    """({image: its mask or None}, {file: why it is left out}) matching names, never positions; of two images
+    (or masks) with one stem, which cannot be told apart, the later is left out."""
     mask_by_stem: dict[str, Path] = {}
     duplicates: dict[Path, str] = {}
     for mask in masks:
@@ -194,10 +192,9 @@ def find_pairs(data_dir: str | Path) -> list[tuple[Path, Path]]:
 
 
 def split_by_group(pairs: Sequence[tuple[Path, Path]], val_groups: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split the groups (group_of: cars, or images) into (train, val) so that no group straddles the split.
+    """Seeded (train, val) lists of groups (cars, or images), so that no group straddles the split.
 
-    val_groups >= 1 is a number of groups, 0 < val_groups < 1 a fraction of them; at least one group is
-    held out and at least one kept for training. Deterministic for a given seed and set of groups.
+    val_groups >= 1 is a number of groups, below 1 a fraction of them; at least one is held out and one kept.
     """
     groups = groups_of(pairs)
     if len(groups) < 2:
@@ -270,11 +267,8 @@ def load_mask_resized(path: str | Path, size: tuple[int, int], soft: bool = True
 
 
 def _foreground(img: Image.Image, mode: str) -> Image.Image:
-    """The non-black pixels as a mode-"1" image, or as 0/255 in mode "L".
-
-    A palette image (Kaggle's GIFs) is mapped through a 256-entry table of its palette's grey levels in
-    one pass, rather than converting every pixel to grey first.
-    """
+    """The non-black pixels as a mode-"1" image, or as 0/255 in mode "L"; a palette image (Kaggle's GIFs) is
+    mapped through its palette's grey levels in one pass, not converted to grey first."""
     if img.mode not in ("P", "L"):
         img = img.convert("L")
     levels: Sequence[int] = range(256)
@@ -285,35 +279,28 @@ def _foreground(img: Image.Image, mode: str) -> Image.Image:
     return img.point([255 if level > 0 else 0 for level in levels], mode)
 
 
-def load_class_mask(path: str | Path) -> np.ndarray:
-    """A class mask at its own size as uint8 (H, W): palette indices of a 'P' image, grey values of an 'L' one."""
+def load_class_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A class mask as uint8 (H, W): palette indices of a 'P' image, grey values of an 'L' one; with size=(height,
+    width), resized to it by nearest neighbour, since indices must never be blended."""
     with Image.open(path) as img:
-        return np.array(img if img.mode in ("P", "L") else img.convert("L"))
-
-
-def classes_to_size(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A class mask resized to size=(height, width) by nearest neighbour: indices are never blended."""
-    if labels.shape == tuple(size):
-        return labels
-    return np.array(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
+        img = img if img.mode in ("P", "L") else img.convert("L")
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.NEAREST)
+        return np.array(img)
 
 
 def single_threaded_opencv() -> None:
-    """OpenCV (albumentations' engine) without its own thread pool, here and in the loader workers forked after.
+    """OpenCV (albumentations' engine) without a thread pool, as each loader worker is one core's worth of work.
 
-    Each worker is one core's worth of loading, and a thread pool per worker oversubscribes the cores.
-    Call it before the workers fork: setting it inside a forked worker deadlocks once the parent used the pool.
+    Call it before the workers fork: set inside a forked worker it deadlocks once the parent used the pool.
     """
     import cv2
     cv2.setNumThreads(1)
 
 
 def train_transforms(height: int, width: int, channels: int = 3, mask_fill: int = 0):
-    """Training augmentations: resize, horizontal flip, small shift/scale/rotate, colour (or brightness) jitter.
-
-    mask_fill labels the border an affine move brings in: background for binary masks, the ignore index
-    for class masks (the black border is not any class).
-    """
+    """Resize, horizontal flip, small shift/scale/rotate, colour (or brightness) jitter; mask_fill labels the
+    border an affine move brings in (background for binary masks, the ignore index for class masks)."""
     import albumentations as A
     # ColorJitter needs 3 channels; on grey images brightness and contrast are what varies.
     jitter = (A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5) if channels == 3
@@ -344,22 +331,17 @@ def to_tensors(image: np.ndarray, mask: np.ndarray, classes: bool = False) -> tu
 # --- dataset ----------------------------------------------------------------------------------
 
 class SegmentationDataset(Dataset):
-    """Image/mask pairs (Carvana's or any other) decoded straight to the training size, then augmented together.
+    """Image/mask pairs decoded straight to the training size, then augmented together.
 
-    Items are (image, mask): a float (in_channels, H, W) image in [0, 1] and, for binary masks
-    (classes=1), a float (1, H, W) mask in [0, 1] holding the car's coverage of each pixel (soft_masks)
-    or 0/1; for classes >= 2, an int64 (H, W) map of class indices (resized by nearest neighbour).
+    Items are a float (in_channels, H, W) image in [0, 1] and, for binary masks, a float (1, H, W) mask
+    of each pixel's car coverage (or 0/1); for classes >= 2, an int64 (H, W) map of class indices.
     """
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], height: int, width: int, transform=None,
                  cache: bool = False, soft_masks: bool = True, classes: int = 1, in_channels: int = 3):
-        self.pairs = list(pairs)
-        self.size = (height, width)
-        self.transform = transform
-        self.soft_masks = soft_masks
-        self.classes, self.in_channels = classes, in_channels
-        # Decoded pairs at the training size, in memory shared by the DataLoader workers: after the
-        # first epoch no worker decodes again, whichever worker an index lands on.
+        self.pairs, self.size, self.transform = list(pairs), (height, width), transform
+        self.soft_masks, self.classes, self.in_channels = soft_masks, classes, in_channels
+        # Shared by the DataLoader workers: after the first epoch no worker decodes again.
         self.cache = SharedPairCache(len(self.pairs), height, width, in_channels) if cache else None
 
     def __len__(self) -> int:
@@ -384,7 +366,7 @@ class SegmentationDataset(Dataset):
         image_path, mask_path = self.pairs[index]
         image = load_image(image_path, self.size, self.in_channels)
         if self.classes > 1:
-            mask = classes_to_size(load_class_mask(mask_path), self.size)
+            mask = load_class_mask(mask_path, self.size)
         else:
             mask = load_mask_resized(mask_path, self.size, self.soft_masks)
         if self.cache is not None:
@@ -398,10 +380,8 @@ class SegmentationDataset(Dataset):
 
 
 class SharedPairCache:
-    """n (image, mask) pairs of one size in shared memory, allocated up front (4 bytes a pixel).
-
-    Workers forked or spawned by a DataLoader map the same memory, so what one decodes all see.
-    """
+    """n (image, mask) pairs of one size in shared memory (4 bytes a pixel, allocated up front): what one
+    DataLoader worker decodes, all see."""
 
     def __init__(self, n: int, height: int, width: int, channels: int = 3):
         self.images = torch.empty((n, height, width, channels), dtype=torch.uint8).share_memory_()

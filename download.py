@@ -278,8 +278,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="folder to extract into (default: %(default)s)")
     parser.add_argument("--hq", action="store_true", help="download train_hq.zip instead of train.zip")
     parser.add_argument("--with-test", action="store_true", help="also download test.zip (8 GB)")
-    parser.add_argument("--force", action="store_true",
-                        help="extract again even when a folder is complete, replacing it (valid zips are reused)")
+    parser.add_argument("--force", action="store_true", help="extract complete folders again (valid zips are reused)")
     parser.add_argument("--keep-zips", action="store_true",
                         help=f"keep the downloaded zips in DIR/{ZIP_CACHE} after extraction")
     return parser.parse_args(argv)

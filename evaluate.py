@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dataset as ds
@@ -32,36 +31,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
                         help="checkpoint written by train.py (e.g. runs/NAME/best.pt), or a run folder (its last.pt)")
-    parser.add_argument("--data-dir", default=None, metavar="DIR",
-                        help="dataset folder holding the run's validation cars (default: the run's --val-dir, "
-                             "else its --data-dir)")
+    parser.add_argument("--data-dir", metavar="DIR", help="folder with the run's validation cars (default: the run's)")
     parser.add_argument("--all", action="store_true",
-                        help="score every image of --data-dir (cars the run never saw, say), not only the run's "
-                             "validation cars")
+                        help="score every image of --data-dir (cars the run never saw), not only its held-out ones")
     parser.add_argument("--tta", action="store_true", help="also score horizontal-flip TTA (2x the compute)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="data-loading processes, 0 loads in the main process (default: as train.py)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (default: cuda, then mps, then cpu), cuda, cuda:1, mps or cpu")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's)")
+    parser.add_argument("--workers", type=int, help="data-loading processes, 0: the main process (default: train's)")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cuda:1, mps, cpu")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table; exit status 1 after a user error."""
-    rank, world_size, local_rank = utils.init_distributed()
-    try:
+    with utils.process_group() as (rank, world_size, local_rank):
         return utils.run_program(lambda: run(parse_args(argv), rank, world_size, local_rank))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -> None:
     """Load the checkpoint, find its held-out images, score them and print the table."""
     state = utils.load_checkpoint(args.checkpoint)
     net = utils.model_from_checkpoint(state, args.checkpoint)
-    config = run_config(state, args)
+    config = utils.training_config(state, args.checkpoint)  # the run's settings, but this command's data and machine
+    config.data_dir = args.data_dir or getattr(config, "val_dir", None) or config.data_dir
+    config.batch_size, config.device = args.batch_size or config.batch_size, args.device
+    config.workers = default_workers(args.device) if args.workers is None else args.workers
     setup = Setup.create(config, rank, world_size, local_rank)
     pairs = checked_pairs(Path(config.data_dir), config, setup)
     if not args.all:
@@ -77,32 +70,11 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
         print_table(results, config, original_size_label(pairs), setup)
 
 
-def run_config(state: dict[str, Any], args: argparse.Namespace) -> argparse.Namespace:
-    """The checkpoint's training settings, with this command's data folder, batch size, workers and device."""
-    if not {"data_dir", "height", "width", "classes"} <= set(state.get("config", {})):
-        raise utils.CheckpointError(f"{args.checkpoint}: has no training settings (config), as train.py writes")
-    config = argparse.Namespace(**state["config"])
-    config.data_dir = args.data_dir or getattr(config, "val_dir", None) or config.data_dir
-    config.batch_size = args.batch_size or config.batch_size
-    config.device = args.device
-    config.workers = default_workers(args.device) if args.workers is None else args.workers
-    return config
-
-
-class WithOriginalMasks(Dataset):
+class WithOriginalMasks(ds.SegmentationDataset):
     """Validation items at the training size, each with its mask at the original size."""
 
-    def __init__(self, pairs: Sequence[tuple[Path, Path]], config: argparse.Namespace):
-        self.resized = ds.SegmentationDataset(pairs, config.height, config.width,
-                                              ds.val_transforms(config.height, config.width), soft_masks=False,
-                                              classes=config.classes, in_channels=config.in_channels)
-
-    def __len__(self) -> int:
-        return len(self.resized)
-
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image, mask = self.resized[item]
-        return image, mask, torch.from_numpy(self.resized.original_mask(item[0]))
+        return *super().__getitem__(item), torch.from_numpy(self.original_mask(item[0]))
 
     @staticmethod
     def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -118,7 +90,8 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
     """Metrics keyed by (resolution, tta), resolution "training" or "original", reduced over processes."""
     net.eval()
     task = setup.task
-    data = WithOriginalMasks(pairs, config)
+    data = WithOriginalMasks(pairs, config.height, config.width, ds.val_transforms(config.height, config.width),
+                             soft_masks=False, classes=config.classes, in_channels=config.in_channels)
     sampler = ds.SeededSampler(len(data), config.seed, shuffle=False, rank=setup.rank, world_size=setup.world_size)
     if config.workers > 0:
         ds.single_threaded_opencv()

@@ -4,11 +4,9 @@
     python predict.py --checkpoint runs/NAME/best.pt --input a.jpg photos/ --output out \\
         --overlay --tta --submission out/submission.csv.gz
 
-Each image is decoded at the checkpoint's training size (in grey for a model trained with
---in-channels 1) and run through the model; the probabilities are upsampled bilinearly to the image's
-own resolution, then thresholded (binary models) or turned into the most likely class (multi-class).
-For image X.jpg it writes OUTPUT/X_mask.png (binary: 0 background, 255 car; multi-class: a palette PNG
-whose pixel values are the class indices) and, with --overlay, OUTPUT/X_overlay.jpg.
+Each image runs through the model at its training size; the probabilities, upsampled bilinearly to the
+image's own size, are thresholded (or give the likeliest class). For X.jpg it writes OUTPUT/X_mask.png
+(0 background, 255 car; multi-class: a palette PNG of the class indices) and, with --overlay, X_overlay.jpg.
 """
 from __future__ import annotations
 
@@ -55,13 +53,10 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
             images.append(item)
         else:
             raise UserError(f"{item}: no such file or folder")
-    # A file named both directly and through its folder is predicted once.
-    unique, seen = [], set()
+    unique: dict[Path, Path] = {}  # a file named both directly and through its folder is predicted once
     for path in images:
-        if (key := path.resolve()) not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def check_output_names(paths: Sequence[Path]) -> None:
@@ -75,10 +70,8 @@ def check_output_names(paths: Sequence[Path]) -> None:
 
 
 def save_outputs(path: Path, mask: np.ndarray, output: Path, overlay: bool = False, classes: int = 1) -> None:
-    """Write OUTPUT/X_mask.png and, with overlay, OUTPUT/X_overlay.jpg for image X.
-
-    mask is a boolean mask (classes=1, saved 0/255) or a map of class indices (saved as a palette PNG).
-    """
+    """Write OUTPUT/X_mask.png (and with overlay OUTPUT/X_overlay.jpg) for image X from its boolean mask or map
+    of class indices."""
     utils.save_mask_png(mask, output / f"{path.stem}_mask.png", classes)
     if overlay:
         photo = torch.tensor(load_image(path)).permute(2, 0, 1)  # full resolution (3, H, W), a writable copy
@@ -115,27 +108,16 @@ def open_submission(path: Path | None) -> Iterator[Any]:
 # --- model ------------------------------------------------------------------------------------
 
 def load_segmentation_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
-    """(model in eval mode, channels_last, on device; its training size (height, width)) from a checkpoint.
-
-    Its model_config says what it reads and writes: in_channels (3 RGB, 1 grey) and out_channels
-    (1 for binary, N classes otherwise).
-    """
-    model, state = utils.load_model(checkpoint, device)
-    config = state.get("config") or {}
-    try:
-        size = int(config["height"]), int(config["width"])
-    except (KeyError, TypeError, ValueError):
-        raise utils.CheckpointError(f"{checkpoint}: has no training size (config height and width, "
-                                    f"as train.py writes)") from None
-    return model.to(memory_format=torch.channels_last), size
+    """(model in eval mode, channels_last, on device; its training size (height, width)) from a checkpoint."""
+    state = utils.load_checkpoint(checkpoint)
+    config = utils.training_config(state, checkpoint)
+    model = utils.model_from_checkpoint(state, checkpoint).to(device, memory_format=torch.channels_last).eval()
+    return model, (config.height, config.width)
 
 
 @torch.inference_mode()
 def predict_probabilities(model: nn.Module, images: torch.Tensor, task: Task, tta: bool = False) -> torch.Tensor:
-    """Float32 probabilities (N, C, h, w) of float images (N, in_channels, h, w) in [0, 1]; model in eval mode.
-
-    C is 1 (car probability) for a binary model, the number of classes otherwise.
-    """
+    """Float32 probabilities (N, C, h, w) of float images (N, in_channels, h, w) in [0, 1]; model in eval mode."""
     if not tta:
         return task.probabilities(model(images))
     # Horizontal-flip TTA in one forward pass over both views (BatchNorm is in eval mode, so mixing
@@ -155,9 +137,7 @@ class ImageFiles(Dataset):
     """Images decoded straight to the model's input size and channels, each with its original (height, width)."""
 
     def __init__(self, paths: Sequence[Path], size: tuple[int, int], channels: int = 3):
-        self.paths = list(paths)
-        self.size = size
-        self.channels = channels
+        self.paths, self.size, self.channels = list(paths), size, channels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -179,10 +159,7 @@ class ImageFiles(Dataset):
 def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int], *, batch_size: int = 8,
                   workers: int = 0, threshold: float = 0.5,
                   tta: bool = False) -> Iterator[tuple[Path, np.ndarray]]:
-    """(path, mask at the image's own resolution) for each path, in order, on the model's device.
-
-    The mask is boolean for a binary model, uint8 class indices for a multi-class one.
-    """
+    """(path, mask at the image's own size: boolean, or uint8 class indices) for each path, in order."""
     device = next(model.parameters()).device
     dtype = utils.autocast_dtype(device)
     task = make_task(model.config["out_channels"])
@@ -207,31 +184,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """predict.py's command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, metavar="FILE", required=True,
-                        help="checkpoint written by train.py (e.g. runs/NAME/best.pt), or a run folder "
-                             "(its last.pt); it gives the architecture and the input size")
+                        help="checkpoint written by train.py (runs/NAME/best.pt), or a run folder (its last.pt)")
     parser.add_argument("--input", type=Path, nargs="+", metavar="PATH", required=True,
-                        help=f"images and/or folders of images ({', '.join(IMAGE_EXTENSIONS)}; "
-                             f"hidden files skipped, taken in name order)")
+                        help=f"images and/or folders of images ({', '.join(IMAGE_EXTENSIONS)}), in name order")
     parser.add_argument("--output", type=Path, metavar="DIR", required=True,
                         help="folder for X_mask.png (and X_overlay.jpg) per image X; created if needed")
     parser.add_argument("--threshold", type=float, default=0.5, metavar="P",
-                        help="binary models: a pixel is car when its probability is above this (default: "
-                             "%(default)s; multi-class models take the likeliest class)")
+                        help="binary models: a pixel is car above this probability (default: %(default)s)")
     parser.add_argument("--overlay", action="store_true",
-                        help="also write X_overlay.jpg: the mask tinted over the full-resolution photo "
-                             "(one colour per foreground class for multi-class models)")
+                        help="also write X_overlay.jpg: the mask tinted over the full-resolution photo")
     parser.add_argument("--tta", action="store_true",
                         help="average the probabilities of each image and its horizontal mirror (2x the compute)")
     parser.add_argument("--submission", type=Path, metavar="FILE",
-                        help="also write a Kaggle submission (img,rle_mask) here; gzip-compressed if it ends "
-                             "in .gz (binary models only)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
-                        help="images per forward pass (default: %(default)s)")
+                        help="also write a Kaggle submission (img,rle_mask) here, gzip'ed for .gz (binary models)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images a pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", metavar="NAME",
                         help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--workers", type=int, default=min(4, utils.usable_cpus()), metavar="N",
-                        help="DataLoader processes decoding images; min(4, usable CPUs) by default, 0 decodes "
-                             "in the main process")
+                        help="processes decoding images, 0: the main process (default: min(4, CPUs))")
     args = parser.parse_args(argv)
     if not 0 <= args.threshold <= 1:
         parser.error(f"--threshold must be between 0 and 1, got {args.threshold}")
@@ -294,56 +264,24 @@ def rle_encode(mask: np.ndarray) -> str:
 
 
 def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
-    """uint8 {0, 1} mask of shape (height, width) from Kaggle's run-length encoding."""
+    """uint8 {0, 1} mask of shape (height, width) from Kaggle's run-length encoding; ValueError unless the
+    runs are integer 'start length' pairs, sorted, disjoint and inside the mask, as Kaggle requires."""
     height, width = (int(v) for v in shape)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"rle_decode: shape must be two positive sizes, got {tuple(shape)}")
     n = height * width
-    starts, lengths = _parse_runs(rle)
-    _check_runs(starts, lengths, n, (height, width))
+    try:
+        starts, lengths = np.array(rle.split(), dtype=np.int64).reshape(-1, 2).T
+    except (ValueError, OverflowError):  # an odd count, or a value that is no 64-bit integer
+        raise ValueError(f"RLE must be 'start length' pairs of 64-bit integers, got {rle[:60]!r}") from None
+    # In this order, each test keeps the next one's arithmetic within int64.
+    if height <= 0 or width <= 0 or (starts < 1).any() or (lengths < 1).any() or (lengths > n - starts + 1).any() \
+            or (starts[1:] < starts[:-1] + lengths[:-1]).any():
+        raise ValueError(f"RLE runs must be sorted, disjoint and inside the {height}x{width} mask (pixels 1 to {n}), "
+                         f"got {rle[:60]!r}")
     # +1 at each run's first pixel, -1 one past its last (0-based); the running sum is the mask.
     delta = np.zeros(n + 1, dtype=np.int8)
     np.add.at(delta, starts - 1, 1)
     np.add.at(delta, starts - 1 + lengths, -1)
     return np.cumsum(delta[:-1], dtype=np.int8).view(np.uint8).reshape(height, width)
-
-
-def _parse_runs(rle: str) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, lengths) as int64 arrays; ValueError unless rle is whitespace-separated integer pairs."""
-    tokens = rle.split()
-    if len(tokens) % 2:
-        raise ValueError(f"RLE has an odd number of values ({len(tokens)}): expected 'start length' pairs")
-    try:
-        runs = np.array(tokens, dtype=np.int64).reshape(-1, 2)
-    except (ValueError, OverflowError):
-        bad = next(t for t in tokens if not _is_int64(t))
-        raise ValueError(f"RLE value {bad[:30]!r} is not an integer that fits in 64 bits") from None
-    return runs[:, 0], runs[:, 1]
-
-
-def _is_int64(token: str) -> bool:
-    try:
-        np.int64(token)
-        return True
-    except (ValueError, OverflowError):
-        return False
-
-
-def _check_runs(starts: np.ndarray, lengths: np.ndarray, n: int, shape: tuple[int, int]) -> None:
-    """Raise ValueError unless every run lies inside the n pixels and the runs are sorted and disjoint."""
-    def first(bad: np.ndarray, why: str) -> None:
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"RLE run {i + 1} ('{starts[i]} {lengths[i]}') {why}")
-
-    first(starts < 1, "starts before pixel 1 (pixels are numbered from 1)")
-    first(lengths < 1, "has a length below 1")
-    # starts and lengths are now in 1..2**63-1; compare without forming start + length, which could overflow.
-    first(lengths > n - starts + 1, f"ends past the last pixel {n} of a {shape[0]}x{shape[1]} mask")
-    # Kaggle requires sorted pairs with no pixel listed twice.
-    overlaps = np.zeros(len(starts), dtype=bool)
-    overlaps[1:] = starts[1:] < starts[:-1] + lengths[:-1]
-    first(overlaps, "starts before the end of the previous run (runs must be sorted and must not overlap)")
 
 
 if __name__ == "__main__":

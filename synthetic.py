@@ -474,14 +474,12 @@ def parse_size(text: str) -> tuple[int, int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """synthetic.py's command line; values generate_synthetic would refuse are argparse errors (exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None,
-                        help="folder to write (default: data/synthetic, or data/synthetic-Nclass with --classes N)")
+    parser.add_argument("--out", help="folder to write (default: data/synthetic, or data/synthetic-Nclass)")
     parser.add_argument("--cars", type=int, default=24, help="number of cars, 16 views each (default: %(default)s)")
     parser.add_argument("--size", type=parse_size, default="480x320", metavar="WxH",
-                        help="image size, width x height (default: %(default)s; Kaggle's is 1918x1280)")
+                        help="image size (default: %(default)s; Kaggle's is 1918x1280)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=usable_cpus(),
-                        help="processes rendering cars; the files do not depend on it (default: the usable cores)")
+    parser.add_argument("--workers", type=int, default=usable_cpus(), help="processes rendering (default: one a core)")
     parser.add_argument("--classes", type=int, default=None, choices=sorted(SYNTHETIC_CLASSES),
                         help="write a multi-class dataset in the generic layout (images/, masks/ of class indices): "
                              + "; ".join(f"{n}: {', '.join(names)}" for n, names in SYNTHETIC_CLASSES.items()))

@@ -16,10 +16,8 @@ from utils import BinaryMetrics, MulticlassMetrics
 
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, per_image: bool = False) -> torch.Tensor:
-    """BCE-with-logits plus soft Dice over the batch, in fp32 for stability under autocast.
-
-    per_image=True gives one loss per image, shape (N,), whose sum does not depend on the batching.
-    """
+    """BCE-with-logits plus soft Dice over the batch, in fp32 for stability under autocast; per_image=True gives
+    one loss per image, shape (N,), whose sum does not depend on the batching."""
     logits = logits.float()
     dims = tuple(range(1 if per_image else 0, logits.ndim))
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
@@ -30,11 +28,8 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, per_image: bool = 
 
 
 def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Softmax cross-entropy plus soft Dice averaged over the classes, skipping ignore_index pixels; fp32.
-
-    logits (N, C, H, W), target int64 (N, H, W) class indices. Both terms are over the batch's labelled
-    pixels (a batch with none gives 0 rather than NaN).
-    """
+    """Softmax cross-entropy plus soft Dice averaged over the classes, over the labelled pixels of the batch
+    (none gives 0, not NaN); fp32. logits (N, C, H, W), target int64 (N, H, W) class indices."""
     logits = logits.float()
     labelled = target != ignore_index
     ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / labelled.sum().clamp_min(1)

@@ -39,37 +39,27 @@ def build_parser() -> argparse.ArgumentParser:
     """Every flag of train.py, with its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", default=None,
-                      help=f"dataset folder in {ds.LAYOUTS} (default: data/carvana, or data/synthetic with "
-                           f"--synthetic)")
-    data.add_argument("--val-dir", default=None,
-                      help="validation set in its own folder, either layout (default: split --data-dir)")
-    data.add_argument("--synthetic", action="store_true",
-                      help="train on the synthetic Carvana-format dataset, generating it on first use")
+    data.add_argument("--data-dir", help=f"dataset folder in {ds.LAYOUTS} (default: data/carvana, or data/synthetic "
+                                         f"with --synthetic)")
+    data.add_argument("--val-dir", help="validation set in its own folder, either layout (default: split --data-dir)")
+    data.add_argument("--synthetic", action="store_true", help="train on the synthetic dataset, made on first use")
     data.add_argument("--synthetic-cars", type=int, default=24, help="cars in it (default: %(default)s)")
     data.add_argument("--skip-bad", action="store_true",
                       help="train on the good pairs when the dataset check finds errors (default: refuse to start)")
     data.add_argument("--val-cars", type=float, default=0.2,
-                      help="without --val-dir, held out for validation: a count (>= 1) or a fraction (< 1) of the cars "
-                           "(all views of a car on one side), or of the images when they are not Carvana-named "
-                           "(default: %(default)s)")
+                      help="without --val-dir: cars held out, a count (>= 1) or fraction (< 1) (default: %(default)s)")
     data.add_argument("--classes", type=int, default=1,
-                      help="1 (default): binary masks (0/1 or 0/255), sigmoid, BCE + soft Dice; N >= 2: masks hold "
-                           "class indices 0..N-1, softmax cross-entropy + soft Dice, per-class IoU/Dice")
+                      help="1 (default): binary masks, 0/1 or 0/255; N >= 2: masks of class indices 0..N-1")
     data.add_argument("--ignore-index", type=int, default=255,
-                      help="with --classes N: the mask value of unlabelled pixels, left out of the loss and metrics "
-                           "(default: %(default)s)")
+                      help="with --classes N: the mask value of unlabelled pixels (default: %(default)s)")
     data.add_argument("--height", type=int, default=160, help="training height in pixels (default: %(default)s)")
     data.add_argument("--width", type=int, default=240, help="training width in pixels (default: %(default)s)")
     data.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
-                      help="keep the decoded images in memory shared by the workers, so only the first epoch "
-                           "decodes (4 bytes a pixel, allocated up front; default: on)")
+                      help="keep the decoded images in shared memory, so only the first epoch decodes (default: on)")
     data.add_argument("--soft-masks", action=argparse.BooleanOptionalAction, default=True,
-                      help="binary masks: train on each small pixel's car coverage instead of 0/1, so that the "
-                           "edge lands where it is at full resolution (default: on)")
-    data.add_argument("--workers", type=int, default=None,
-                      help="data-loading processes, 0 loads in the main process (default: on a GPU all of this "
-                           "process's CPUs but two, at most 16; on the CPU half of them, at most 4)")
+                      help="binary masks: train on each pixel's car coverage instead of 0/1 (default: on)")
+    data.add_argument("--workers", type=int, help="data-loading processes, 0: the main process (default: on a GPU "
+                                                  "the CPUs but two, at most 16; else half, at most 4)")
 
     model = p.add_argument_group("model")
     model.add_argument("--features", type=int, nargs="+", default=[64, 128, 256, 512],
@@ -79,39 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10, help="number of epochs (default: %(default)s)")
-    opt.add_argument("--batch-size", type=int, default=8,
-                     help="images per step, per process under torchrun (default: %(default)s)")
-    opt.add_argument("--lr", type=float, default=1e-3,
-                     help="peak learning rate of the one-cycle schedule (default: %(default)s)")
+    opt.add_argument("--batch-size", type=int, default=8, help="images per step and process (default: %(default)s)")
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak one-cycle learning rate (default: %(default)s)")
     opt.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
-    opt.add_argument("--clip-grad", type=float, default=1.0,
-                     help="gradient-norm clipping, 0 disables (default: %(default)s)")
+    opt.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip, 0: none (default: %(default)s)")
     opt.add_argument("--seed", type=int, default=0,
-                     help="seed of the split, initialisation, shuffling and augmentation (default: %(default)s)")
+                     help="seed of the split, initialisation, order and augmentation (default: %(default)s)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--out-dir", default=None,
-                     help="run folder (default: runs/<date-time>; with --resume, the checkpoint's folder)")
-    run.add_argument("--device", default="auto",
-                     help="auto (default: cuda, then mps, then cpu), cuda, cuda:1, mps or cpu")
+    run.add_argument("--out-dir", help="run folder (default: runs/<date-time>; with --resume, the checkpoint's)")
+    run.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cuda:1, mps, cpu...")
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                     help="mixed precision; auto (default) = bf16 on CUDA and on CPUs with bf16 units, "
-                          "fp16 with a grad scaler on older GPUs, off elsewhere")
+                     help="mixed precision; auto (default): bf16 on CUDA and bf16 CPUs, fp16 on older GPUs, else off")
     run.add_argument("--fp32-warmup", type=float, default=0.05, metavar="FRACTION",
-                     help="this fraction of the optimizer steps, from the first, trains in fp32 before --amp takes "
-                          "over, since bf16 gradients are least accurate from a random start (default: %(default)s)")
+                     help="fraction of the first steps trained in fp32 before --amp (default: %(default)s)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="channels_last memory format, faster convolutions on CPU and tensor cores (default: on)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the model (pays off on long GPU runs); with an fp32 warm-up it compiles "
-                          "twice, once for the fp32 steps and once for mixed precision")
+                     help="channels_last memory format (default: on)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     run.add_argument("--num-predictions", type=int, default=4,
-                     help="validation images saved to predictions/ whenever validation Dice improves "
-                          "(default: %(default)s)")
-    run.add_argument("--resume", default=None, metavar="PATH",
-                     help="checkpoint (or run folder, meaning its last.pt) to continue from, with its settings "
-                          "unless given here")
+                     help="validation images saved whenever validation Dice improves (default: %(default)s)")
+    run.add_argument("--resume", metavar="PATH",
+                     help="checkpoint (or run folder: its last.pt) to continue, with its settings unless given here")
     return p
 
 
@@ -146,16 +125,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, then train; returns the exit status (1 after a user error, 130 when stopped)."""
-    rank, world_size, local_rank = utils.init_distributed()
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     _stop_signals.clear()
     try:
-        return utils.run_program(lambda: run(*parse_args(argv), rank, world_size, local_rank))
+        with utils.process_group() as (rank, world_size, local_rank):
+            return utils.run_program(lambda: run(*parse_args(argv), rank, world_size, local_rank))
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world_size: int, local_rank: int) -> int:
@@ -347,11 +324,8 @@ class Setup:
 
 
 def default_workers(device_name: str) -> int:
-    """Loader workers when --workers is not given, from this process's share of the CPUs (torchrun splits them).
-
-    On a GPU all but two, since the GPU trains faster than a few workers decode; on the CPU half, at
-    most 4, since the rest compute.
-    """
+    """Loader workers from this process's share of the CPUs: on a GPU all but two, since it trains faster than a
+    few workers decode; on the CPU half, at most 4, since the rest compute."""
     cpus = max(1, utils.usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available()):
         return max(1, min(16, cpus - 2))
@@ -360,10 +334,8 @@ def default_workers(device_name: str) -> int:
 
 def load_split(args: argparse.Namespace, state: dict[str, Any] | None,
                setup: Setup) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]], dict[str, list[str]]]:
-    """(training pairs, validation pairs, split): --val-dir, else a seeded split by car (or image) of --data-dir.
-
-    Generates the synthetic dataset first when asked; checks the data; a resumed run keeps its split.
-    """
+    """(training pairs, validation pairs, split) of the checked data: --val-dir, else a seeded split by car (or
+    image) of --data-dir, which a resumed run keeps; generates the synthetic dataset first when asked."""
     data_dir = Path(args.data_dir)
     if args.synthetic:
         if setup.is_main:

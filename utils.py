@@ -42,8 +42,8 @@ def run_program(run: Callable[[], int | None], status: int = 1) -> int:
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """A file to write `path` through: a temporary sibling, synced and renamed over `path` only when the block
-    succeeds, so that a kill, an error or a full disk leaves the old file (or none), never half of one."""
+    """A temporary sibling of `path`, synced and renamed over it when the block succeeds: a kill, an error or a
+    full disk leaves the old file (or none), never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -70,12 +70,9 @@ def usable_cpus() -> int:
 
 def parallel_map(function: Callable, jobs: list, workers: int | None = None, chunk: int = 32,
                  threads: bool = False) -> Iterator:
-    """function over jobs, in order, in `workers` threads or spawned processes (default: one per core)
-    when there are at least `chunk` jobs for each, else in this process.
-
-    Threads suit work that releases the GIL (PIL's decoders do); processes are spawned, never forked,
-    since a fork can copy a lock that another thread (torch's, tqdm's) holds and hang forever.
-    """
+    """function over jobs, in order, in `workers` threads or processes (default: one per core) when there are
+    `chunk` jobs for each, else here. Threads suit work that releases the GIL (PIL's decoders); processes are
+    spawned, never forked: a fork can copy a lock another thread holds (torch's, tqdm's) and hang forever."""
     workers = min(usable_cpus() if workers is None else workers, len(jobs) // chunk)
     if workers < 2:
         yield from map(function, jobs)
@@ -142,11 +139,12 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"
     return model
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """(model in eval mode on device, checkpoint dict) from a checkpoint file or run folder."""
-    state = load_checkpoint(path)
-    model = model_from_checkpoint(state, path).to(device).eval()
-    return model, state
+def training_config(state: dict[str, Any], path: str | Path) -> argparse.Namespace:
+    """The flags a checkpoint was trained with (its size, classes, split seed...), as train.py's namespace."""
+    config = state.get("config")
+    if not isinstance(config, dict) or not {"height", "width"} <= config.keys():
+        raise CheckpointError(f"{path}: has no training settings (config with height and width, as train.py writes)")
+    return argparse.Namespace(**config)
 
 
 # --- devices and precision --------------------------------------------------------------------
@@ -195,16 +193,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); starts the process group when launched by torchrun."""
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int, int]]:
+    """(rank, world_size, local_rank); under torchrun, a process group that ends with the block."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, 0
+        yield 0, 1, 0
+        return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), local_rank
+    try:
+        yield dist.get_rank(), dist.get_world_size(), local_rank
+    finally:
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -215,11 +218,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def sync_buffers_from_rank0(net: torch.nn.Module) -> torch.nn.Module:
-    """net, with rank 0's BatchNorm statistics on every rank (each updated its own in training).
-
-    Validation scores with the plain module, not DDP's wrapper, whose forward may broadcast buffers: a
-    collective every rank must join, while ranks may hold different numbers of validation batches.
-    """
+    """net, with rank 0's BatchNorm statistics on every rank; validation scores with it, not with DDP's wrapper,
+    whose forward may broadcast buffers, a collective, while ranks hold different numbers of batches."""
     if dist.is_available() and dist.is_initialized():
         for buffer in net.buffers():
             dist.broadcast(buffer, src=0)
@@ -229,12 +229,8 @@ def sync_buffers_from_rank0(net: torch.nn.Module) -> torch.nn.Module:
 # --- metrics ----------------------------------------------------------------------------------
 
 class BinaryMetrics:
-    """Dice, IoU and pixel accuracy accumulated over a whole set of binary masks.
-
-    Reports both the global scores (sum of intersections over sum of sizes over every pixel of the
-    set) and the mean of per-image scores (Kaggle's Carvana metric). An image whose prediction and
-    target are both empty scores 1. Never averages per-batch values.
-    """
+    """Dice, IoU and pixel accuracy over a whole set of binary masks, never averaged per batch: over every pixel
+    of the set, and as the mean of per-image scores (Kaggle's metric; an image empty in both scores 1)."""
 
     # Running sums, in this order, kept in one float64 tensor so ranks can all_reduce them at once.
     FIELDS = ("intersection", "predicted", "target", "correct", "pixels", "dice_sum", "iou_sum", "images")
@@ -245,22 +241,16 @@ class BinaryMetrics:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of boolean (or {0,1}) predictions and targets of shape (N, ...)."""
-        pred = pred.bool().flatten(1)
-        target = target.bool().flatten(1)
+        pred, target = pred.bool().flatten(1), target.bool().flatten(1)
         inter = (pred & target).sum(1, dtype=torch.float64)
-        p = pred.sum(1, dtype=torch.float64)
-        t = target.sum(1, dtype=torch.float64)
-        union = p + t - inter
-        correct = (pred == target).sum(1, dtype=torch.float64)
+        p, t = pred.sum(1, dtype=torch.float64), target.sum(1, dtype=torch.float64)
         both_empty = (p + t) == 0
         dice = torch.where(both_empty, 1.0, 2 * inter / (p + t).clamp_min(1))
-        iou = torch.where(both_empty, 1.0, inter / union.clamp_min(1))
-        self.sums += torch.stack([inter.sum(), p.sum(), t.sum(), correct.sum(),
-                                  torch.tensor(float(pred[0].numel() * pred.shape[0]), dtype=torch.float64,
-                                               device=pred.device),
-                                  dice.sum(), iou.sum(),
-                                  torch.tensor(float(pred.shape[0]), dtype=torch.float64, device=pred.device)
-                                  ]).to(self.sums.device)  # --evaluate scores CPU masks into sums on the GPU
+        iou = torch.where(both_empty, 1.0, inter / (p + t - inter).clamp_min(1))
+        correct = (pred == target).sum(dtype=torch.float64)
+        batch = torch.stack([inter.sum(), p.sum(), t.sum(), correct, inter.new_tensor(pred.numel()),
+                             dice.sum(), iou.sum(), inter.new_tensor(len(pred))])
+        self.sums += batch.to(self.sums.device)  # evaluate.py scores CPU masks into sums on the GPU
 
     def compute(self) -> dict[str, float]:
         """dice, iou, acc (global over the set) and mean_dice, mean_iou (per image, averaged)."""
@@ -281,17 +271,14 @@ class BinaryMetrics:
 class MulticlassMetrics:
     """Per-class and mean IoU, Dice and pixel accuracy from one confusion matrix over a whole set of label maps.
 
-    Pixels whose target is ignore_index count nowhere. "dice" and "iou" are the means over the
-    foreground classes 1..N-1, "dice_all" and "iou_all" the means including background (class 0);
-    "class_dice" and "class_iou" list every class. A class absent from both the predictions and the
-    targets of the whole set has no score (nan) and is left out of the means. Never averages per-batch
-    values.
+    Pixels whose target is ignore_index count nowhere. "dice"/"iou" are the means over the foreground classes
+    1..N-1, "dice_all"/"iou_all" include background; a class absent from predictions and targets alike has
+    no score (nan) and is left out of the means.
     """
 
     def __init__(self, classes: int, ignore_index: int = 255, device: str | torch.device = "cpu"):
         self.classes, self.ignore_index = classes, ignore_index
-        # The confusion matrix (target x prediction, flattened), then the image count: one float64
-        # tensor, so ranks can all_reduce it at once as they do BinaryMetrics.sums.
+        # The confusion matrix (target x prediction, flattened), then the image count: one tensor to all_reduce.
         self.sums = torch.zeros(classes * classes + 1, dtype=torch.float64, device=device)
 
     @torch.no_grad()
@@ -304,13 +291,9 @@ class MulticlassMetrics:
         self.sums[:-1] += counts.to(self.sums)
         self.sums[-1] += images
 
-    def confusion(self) -> torch.Tensor:
-        """The (classes, classes) confusion matrix: row = target class, column = predicted class."""
-        return self.sums[:-1].view(self.classes, self.classes).cpu()
-
     def compute(self) -> dict[str, Any]:
         """Means over foreground classes (dice, iou), including background (dice_all, iou_all), per class, acc."""
-        cm = self.confusion()
+        cm = self.sums[:-1].view(self.classes, self.classes).cpu()  # row: the target class, column: the predicted
         hits, targets, predicted = cm.diag(), cm.sum(1), cm.sum(0)
         present = (targets + predicted) > 0
         nan = torch.full_like(hits, float("nan"))
@@ -344,11 +327,8 @@ CAR_COLOUR = (255, 45, 85)  # a binary mask's tint in overlays
 
 def class_colours(classes: int) -> list[tuple[int, int, int]]:
     """A distinct RGB colour per class index 0..classes-1, class 0 (background) black."""
-    colours = list(CLASS_COLOURS[:classes])
-    for k in range(len(colours), classes):
-        r, g, b = colorsys.hsv_to_rgb((k * 0.618034) % 1, 0.75, 0.95)
-        colours.append((round(r * 255), round(g * 255), round(b * 255)))
-    return colours
+    hues = [colorsys.hsv_to_rgb((k * 0.618034) % 1, 0.75, 0.95) for k in range(len(CLASS_COLOURS), classes)]
+    return list(CLASS_COLOURS[:classes]) + [tuple(round(c * 255) for c in rgb) for rgb in hues]
 
 
 def class_palette(classes: int) -> list[int]:
@@ -400,7 +380,8 @@ def save_prediction_images(images: torch.Tensor, targets: torch.Tensor, preds: t
         save_mask_png(pred, out_dir / f"{name}_pred.png", classes)
         panel = [image_u8, colorize(target, classes), colorize(pred, classes), overlay(image_u8, pred, classes)]
         grid = make_grid(torch.stack(panel).float() / 255, nrow=4, padding=4, pad_value=1.0)
-        save_image(grid, out_dir / f"{name}_panel.png")
+        with atomic_write(out_dir / f"{name}_panel.png", "wb") as f:
+            save_image(grid, f, format="png")
 
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_acc", "lr", "seconds")
@@ -425,11 +406,10 @@ def read_metrics_csv(path: str | Path) -> list[dict[str, Any]]:
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     """curves.png: train/val loss and validation Dice per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_dice = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -441,4 +421,3 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)

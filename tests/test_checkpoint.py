@@ -9,7 +9,8 @@ def test_saved_and_loaded_checkpoint_gives_identical_outputs(tmp_path):
     model = UNet(features=(4, 8, 16)).eval()
     path = tmp_path / "best.pt"
     utils.save_checkpoint({"model": model.state_dict(), "model_config": model.config, "config": {}}, path)
-    loaded, state = utils.load_model(path)
+    state = utils.load_checkpoint(path)
+    loaded = utils.model_from_checkpoint(state, path).eval()
     x = torch.randn(2, 3, 37, 53)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))

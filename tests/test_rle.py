@@ -87,20 +87,24 @@ def test_blob_has_expected_run_count() -> None:
     assert len(rle.split()) == 2 * (rows + 50)
 
 
+PAIRS = "pairs of 64-bit integers"
+RUNS = "sorted, disjoint and inside the 3x4 mask"
+
+
 @pytest.mark.parametrize("rle, message", [
-    ("1 2 3", "odd number of values"),
-    ("1 x", "'x' is not an integer"),
-    ("1 2.5", "'2.5' is not an integer"),
-    ("1 99999999999999999999", "not an integer that fits"),
-    ("0 2", "run 1 .*starts before pixel 1"),
-    ("-3 2", "run 1 .*starts before pixel 1"),
-    ("1 0", "run 1 .*length below 1"),
-    ("5 -1", "run 1 .*length below 1"),
-    ("11 3", "run 1 .*ends past the last pixel 12 of a 3x4 mask"),
-    ("13 1", "run 1 .*ends past the last pixel 12"),
-    ("1 9223372036854775807", "ends past the last pixel"),  # start + length would overflow int64
-    ("1 3 3 1", "run 2 .*must not overlap"),
-    ("5 1 1 1", "run 2 .*must be sorted"),
+    ("1 2 3", PAIRS),                     # an odd number of values
+    ("1 x", PAIRS),
+    ("1 2.5", PAIRS),
+    ("1 99999999999999999999", PAIRS),    # does not fit in 64 bits
+    ("0 2", RUNS),                        # pixels are numbered from 1
+    ("-3 2", RUNS),
+    ("1 0", RUNS),                        # a length below 1
+    ("5 -1", RUNS),
+    ("11 3", RUNS),                       # ends past the last pixel, 12
+    ("13 1", RUNS),
+    ("1 9223372036854775807", RUNS),      # start + length would overflow int64
+    ("1 3 3 1", RUNS),                    # overlapping runs
+    ("5 1 1 1", RUNS),                    # unsorted runs
 ])
 def test_decode_errors(rle: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -108,5 +112,5 @@ def test_decode_errors(rle: str, message: str) -> None:
 
 
 def test_decode_rejects_bad_shape() -> None:
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="inside the 0x4 mask"):
         rle_decode("1 1", (0, 4))
