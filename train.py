@@ -185,10 +185,10 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
             rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
                          "val_iou": val["iou"], "val_acc": val["acc"], "lr": opt.scheduler.get_last_lr()[0],
                          "seconds": seconds})
-            state = checkpoint(epoch)
-            utils.save_checkpoint(state, out_dir / "last.pt")
+            saved = checkpoint(epoch)
+            utils.save_checkpoint(saved, out_dir / "last.pt")
             if improved:
-                utils.save_checkpoint(state, out_dir / "best.pt")
+                utils.save_checkpoint(saved, out_dir / "best.pt")
                 if preview:
                     save_predictions(net, val_loader.dataset, preview, out_dir / "predictions", setup)
             utils.write_metrics_csv(rows, out_dir / "metrics.csv")
