@@ -109,6 +109,7 @@ def report(opts: argparse.Namespace, info: dict[str, Any], steps: list[dict[str,
     ratio = {k: common.median_ratio(steps, k) for k in ("img_s", "peak_memory_mb")}
     amp = {v: steps[0][v]["amp"] + (", channels_last" if steps[0][v]["channels_last"] else ", NCHW") for v in VARIANTS}
     amp["project"] += ", torch.compile" if opts.compile else ""
+    gemm_name = str(common.gemm_dtype(torch.device(info["device"]))).removeprefix("torch.")
     rows = [
         ["training step: img/s", common.fmt(med["baseline"]["img_s"], 2), common.fmt(med["project"]["img_s"], 2),
          common.ratio_text(ratio["img_s"])],
@@ -116,7 +117,7 @@ def report(opts: argparse.Namespace, info: dict[str, Any], steps: list[dict[str,
          common.fmt(med["project"]["peak_memory_mb"], 0), common.ratio_text(ratio["peak_memory_mb"])],
         ["MFU (of the peak below)", _pct(mfu["baseline"]), _pct(mfu["project"]),
          common.ratio_text(ratio["img_s"])],
-        ["fraction of the bf16 GEMM rate measured beside it", _pct(of_gemm["baseline"]), _pct(of_gemm["project"]),
+        [f"fraction of the {gemm_name} GEMM rate measured beside it", _pct(of_gemm["baseline"]), _pct(of_gemm["project"]),
          common.ratio_text(ratio["img_s"])],
     ]
     head = (f"UNet {opts.features} at {opts.height}x{opts.width}, batch {opts.batch_size}, on {info['device']}; "
@@ -124,7 +125,7 @@ def report(opts: argparse.Namespace, info: dict[str, Any], steps: list[dict[str,
             f"baseline: {amp['baseline']}; project: {amp['project']}.\n"
             f"FLOPs per image (forward + backward): {flops / 1e9:,.1f} GFLOP; "
             f"peak assumed: {common.fmt(peak, 3)} TFLOP/s ({peak_source}); "
-            f"bf16 GEMM rate measured after each measurement (median): {gemm:.3f} TFLOP/s.\n"
+            f"{gemm_name} GEMM rate measured after each measurement (median): {gemm:.3f} TFLOP/s.\n"
             f"machine: {info}\n")
     table = common.markdown_table(["measurement", "baseline", "project", "ratio (median of pairs)"], rows)
     if loader is not None:

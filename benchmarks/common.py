@@ -74,15 +74,21 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float | N
     return None, "no bf16 units found: pass --peak-tflops"
 
 
+def gemm_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs and on CPUs with bf16 units; fp32 elsewhere, where bf16 is emulated at about 1 GFLOP/s."""
+    import utils
+    return torch.bfloat16 if device.type == "cuda" or utils.cpu_has_bf16_units() else torch.float32
+
+
 def gemm_tflops(device: torch.device, n: int | None = None, repeats: int = 5) -> float:
-    """Measured bf16 matrix-multiply rate (TFLOP/s): what this device sustains on the easiest dense work.
+    """Measured matrix-multiply rate (TFLOP/s) in gemm_dtype: what this device sustains on the easiest dense work.
 
     A yardstick beside the assumed peak: a virtual CPU's clock in /proc/cpuinfo is its nominal one,
     and the cores may boost past it.
     """
     n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=gemm_dtype(device))
+    b = torch.randn(n, n, device=device, dtype=gemm_dtype(device))
     timed(lambda: a @ b, device)  # warm-up
     seconds = median([timed(lambda: a @ b, device) for _ in range(repeats)])
     return 2 * n**3 / seconds / 1e12

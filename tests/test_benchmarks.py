@@ -49,6 +49,16 @@ def test_bench_epoch_times_baseline_and_project(tiny_data, tmp_path):
     assert "benchmarks/baseline.py" in out and "--no-channels-last" in out
 
 
+def test_gemm_yardstick_is_fp32_on_a_cpu_without_bf16_units(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+    import utils
+    monkeypatch.setattr(utils, "cpu_has_bf16_units", lambda: False)  # an AVX2 CPU: bf16 would be emulated
+    assert common.gemm_dtype(common.torch.device("cpu")) == common.torch.float32
+    monkeypatch.setattr(utils, "cpu_has_bf16_units", lambda: True)
+    assert common.gemm_dtype(common.torch.device("cpu")) == common.torch.bfloat16
+
+
 def test_gpu_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
 
