@@ -23,6 +23,7 @@ from tqdm import tqdm
 import dataset as ds
 import utils
 from predict import predict_probabilities, upsample_to
+from report import PerImage, write_report
 from train import Setup, checked_pairs, default_workers
 
 
@@ -63,31 +64,41 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
             raise utils.UserError(f"none of the validation cars or images of {args.checkpoint} are in "
                                   f"{config.data_dir}; pass --all to score every image there")
     net = net.to(setup.device, memory_format=setup.memory_format)
-    results = evaluate_at_training_and_original_size(net, pairs, config, setup, args.tta)
+    run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    per_image = PerImage(setup.task, run_dir, setup.device)
+    results = evaluate_at_training_and_original_size(net, pairs, config, setup, args.tta, per_image)
     if setup.is_main:
-        print(f"{ds.describe_pairs(pairs)} of {config.data_dir}"
-              f"{'' if args.all else ', held out from training'} ({args.checkpoint})")
+        summary = (f"{ds.describe_pairs(pairs)} of {config.data_dir}"
+                   f"{'' if args.all else ', held out from training'} ({args.checkpoint})")
+        print(summary)
         print_table(results, config, original_size_label(pairs), setup)
+        if per_image.threshold_dice:
+            print("mean Dice at the original size without TTA, by threshold: "
+                  + "  ".join(f"{t}: {dice:.4f}" for t, dice in per_image.threshold_dice.items()))
+        write_report(per_image, summary)
+        print(f"per-image scores, worst first: {run_dir / 'per_image.csv'}; report: {run_dir / 'report.html'}")
 
 
 class WithOriginalMasks(ds.SegmentationDataset):
-    """Validation items at the training size, each with its mask at the original size."""
+    """Validation items at the training size, each with its mask at the original size and its index."""
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return *super().__getitem__(item), torch.from_numpy(self.original_mask(item[0]))
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        return *super().__getitem__(item), torch.from_numpy(self.original_mask(item[0])), item[0]
 
     @staticmethod
-    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
         """Stack the training-size tensors; original masks stay a list (their sizes may differ)."""
-        images, masks, originals = zip(*items)
-        return torch.stack(images), torch.stack(masks), list(originals)
+        images, masks, originals, indices = zip(*items)
+        return torch.stack(images), torch.stack(masks), list(originals), indices
 
 
 @torch.no_grad()
 def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence[tuple[Path, Path]],
                                            config: argparse.Namespace, setup: Setup,
-                                           tta: bool = False) -> dict[tuple[str, bool], dict[str, Any]]:
-    """Metrics keyed by (resolution, tta), resolution "training" or "original", reduced over processes."""
+                                           tta: bool = False, per_image: PerImage | None = None
+                                           ) -> dict[tuple[str, bool], dict[str, Any]]:
+    """Metrics keyed by (resolution, tta), resolution "training" or "original", reduced over processes; per_image
+    collects each image's scores without TTA at the original size."""
     net.eval()
     task = setup.task
     data = WithOriginalMasks(pairs, config.height, config.width, ds.val_transforms(config.height, config.width),
@@ -99,17 +110,22 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
                         collate_fn=WithOriginalMasks.collate)
     modes = (False, True) if tta else (False,)
     metrics = {(res, flip): task.metrics(setup.device) for res in ("training", "original") for flip in modes}
-    for images, masks, originals in tqdm(loader, desc="evaluate", leave=False, disable=not setup.is_main):
+    for images, masks, originals, indices in tqdm(loader, desc="evaluate", leave=False, disable=not setup.is_main):
         images = images.to(setup.device, memory_format=setup.memory_format)
         for flip in modes:
             with utils.autocast(setup.device, setup.amp_dtype):
                 probs = predict_probabilities(net, images, task, flip)
             metrics[("training", flip)].update(task.labels(probs.cpu()), task.truth(masks))
-            for prob, original in zip(probs, originals):
-                full = task.labels(upsample_to(prob[None], tuple(original.shape))).cpu()
-                metrics[("original", flip)].update(full, task.truth(original[None]))
+            for prob, original, index in zip(probs, originals, indices):
+                upsampled = upsample_to(prob[None], tuple(original.shape))
+                full, truth = task.labels(upsampled).cpu(), task.truth(original[None])
+                metrics[("original", flip)].update(full, truth)
+                if per_image is not None and not flip:
+                    per_image.add(data.pairs[index][0], upsampled, truth[0])
     for m in metrics.values():
         utils.all_reduce_sum(m.sums)
+    if per_image is not None:
+        per_image.gather()
     return {key: m.compute() for key, m in metrics.items()}
 
 

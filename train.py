@@ -6,8 +6,9 @@
     python train.py --resume runs/exp/last.pt       # continue a run where it stopped
     torchrun --nproc_per_node=4 train.py ...        # several GPUs (DistributedDataParallel)
 
-The run folder (--out-dir) receives last.pt, best.pt, config.json, split.json, metrics.csv,
-curves.png and predictions/. Score a checkpoint with evaluate.py, segment photos with predict.py.
+The run folder (--out-dir) receives last.pt, best.pt, config.json, split.json, metrics.csv, curves.png,
+predictions/ and, from best.pt scored at the end, per_image.csv and report.html (evaluate.py does the same for
+any checkpoint); segment photos with predict.py.
 """
 from __future__ import annotations
 
@@ -203,7 +204,14 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
             return 130
     if setup.is_main:
         print(f"done: best validation {setup.task.best_name} {best_dice:.4f} at {args.height}x{args.width}; "
-              f"run folder {out_dir}")
+              f"run folder {out_dir}. Scoring best.pt at the original size:")
+    best = [str(out_dir / "best.pt")]  # rank 0's: the ranks' default run folders may differ by a second
+    if dist.is_initialized():
+        dist.broadcast_object_list(best)  # and waits for rank 0 to write it
+    from evaluate import parse_args as evaluate_args, run as evaluate_checkpoint  # here: evaluate.py imports train
+    evaluate_checkpoint(evaluate_args(["--checkpoint", best[0], "--data-dir", args.val_dir or args.data_dir,
+                                       "--workers", str(args.workers), "--device", args.device]),
+                        setup.rank, setup.world_size, setup.local_rank)
     return 0
 
 
@@ -286,14 +294,15 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, setup: Setup) -> dict[s
 @torch.no_grad()
 def save_predictions(net: torch.nn.Module, data: ds.SegmentationDataset, indices: Sequence[int], out_dir: Path,
                      setup: Setup) -> None:
-    """Masks and image | truth | prediction | overlay panels for a fixed few validation images."""
+    """Masks and photo | ground truth | prediction | errors panels for a fixed few validation images."""
     net.eval()
     images, masks = (torch.stack(batch) for batch in zip(*(data[i] for i in indices)))
     with utils.autocast(setup.device, setup.amp_dtype):
         logits = net(images.to(setup.device))
     labels = setup.task.labels(setup.task.probabilities(logits).cpu())
     names = [data.pairs[i][0].stem for i in indices]
-    utils.save_prediction_images(images, setup.task.truth(masks), labels, names, out_dir, setup.task.classes)
+    utils.save_prediction_images(images, setup.task.truth(masks), labels, names, out_dir, setup.task.classes,
+                                 getattr(setup.task, "ignore_index", 255))
 
 
 # --- set-up: processes, data, model, optimisation ---------------------------------------------

@@ -20,7 +20,8 @@ from typing import IO, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from model import UNet
 
@@ -314,7 +315,14 @@ class MulticlassMetrics:
         }
 
 
-# --- pictures and tables: masks, prediction panels, metrics.csv, curves.png -------------------
+def image_scores(pred: torch.Tensor, truth: torch.Tensor, classes: int = 1, ignore_index: int = 255) -> dict[str, Any]:
+    """One (H, W) mask's metrics, computed as the set's are."""
+    metrics = BinaryMetrics() if classes == 1 else MulticlassMetrics(classes, ignore_index)
+    metrics.update(pred[None], truth[None])
+    return metrics.compute()
+
+
+# --- pictures and tables: masks, panels, error maps, metrics.csv, curves.png ------------------
 
 # Class colours: background black, then Sasha Trubetskoy's 20 distinct colours; more classes get hues
 # spread by the golden ratio. Indices with no class (e.g. the ignore index 255) are white.
@@ -323,6 +331,9 @@ CLASS_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 13
                  (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
                  (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128))
 CAR_COLOUR = (255, 45, 85)  # a binary mask's tint in overlays
+# Error maps: magenta and cyan stay apart under the common colour blindnesses; true positives a faint green.
+FP_COLOUR, FN_COLOUR, TP_COLOUR = (255, 0, 200), (0, 200, 255), (60, 180, 75)
+PANEL_TITLES = ("photo", "ground truth", "prediction\nDice {dice:.4f}", "errors\nFP magenta, FN cyan")
 
 
 def class_colours(classes: int) -> list[tuple[int, int, int]]:
@@ -365,23 +376,51 @@ def overlay(image: torch.Tensor, labels: torch.Tensor, classes: int = 1, alpha: 
     return draw_segmentation_masks(image, masks, alpha=alpha, colors=class_colours(classes)[1:])
 
 
-def save_prediction_images(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
-                           names: Sequence[str], out_dir: str | Path, classes: int = 1) -> None:
-    """For each image write NAME_pred.png (the mask) and NAME_panel.png: image | truth | prediction | overlay.
+def error_codes(pred: torch.Tensor, truth: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """uint8 (H, W) of an (H, W) mask: 1 foreground predicted right (true positive), 2 foreground predicted as
+    background (false negative), 3 a pixel given a foreground class it does not have (false positive), else 0."""
+    pred, truth = pred.long(), truth.long()
+    labelled = truth != ignore_index  # unlabelled pixels are 0
+    wrong = torch.where(pred > 0, 3, 2) * ((pred != truth) & labelled)
+    return (wrong + ((pred == truth) & labelled & (truth > 0))).byte()
+
+
+def error_map(image: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, h, w) image with error_codes drawn over it; larger codes are max-pooled to its size, the worst
+    code winning, so that a one-pixel error still shows in a thumbnail."""
+    from torchvision.utils import draw_segmentation_masks
+    codes = F.adaptive_max_pool2d(codes[None].float(), image.shape[-2:])[0]
+    out = draw_segmentation_masks(image, (codes == 1)[None], alpha=0.3, colors=[TP_COLOUR])
+    for code, colour in ((2, FN_COLOUR), (3, FP_COLOUR)):
+        out[:, codes == code] = torch.tensor(colour, dtype=torch.uint8, device=out.device)[:, None]
+    return out
+
+
+def save_prediction_images(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, names: Sequence[str],
+                           out_dir: str | Path, classes: int = 1, ignore_index: int = 255) -> None:
+    """For each image write NAME_pred.png (the mask) and NAME_panel.png: photo | ground truth | prediction |
+    errors, titled, with the image's Dice.
 
     targets and preds hold one (H, W) mask per image: booleans for a binary model, else class indices.
     """
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import make_grid
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for image, target, pred, name in zip(images.cpu(), targets.cpu(), preds.cpu(), names):
         image_u8 = (image.clamp(0, 1) * 255).round().to(torch.uint8).expand(3, -1, -1).clone()  # grey -> RGB
         target, pred = target.reshape(image.shape[-2:]), pred.reshape(image.shape[-2:])
         save_mask_png(pred, out_dir / f"{name}_pred.png", classes)
-        panel = [image_u8, colorize(target, classes), colorize(pred, classes), overlay(image_u8, pred, classes)]
-        grid = make_grid(torch.stack(panel).float() / 255, nrow=4, padding=4, pad_value=1.0)
+        panel = [image_u8, colorize(target, classes), colorize(pred, classes),
+                 error_map(image_u8, error_codes(pred, target, ignore_index))]
+        grid = make_grid(torch.stack(panel), nrow=len(panel), padding=4, pad_value=255)
+        canvas = Image.new("RGB", (grid.shape[2], grid.shape[1] + 28), "white")
+        canvas.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (0, 28))
+        dice = image_scores(pred, target, classes, ignore_index)["dice"]
+        draw = ImageDraw.Draw(canvas)
+        for k, title in enumerate(PANEL_TITLES):
+            draw.text((4 + k * (image.shape[-1] + 4), 2), title.format(dice=dice), fill="black")
         with atomic_write(out_dir / f"{name}_panel.png", "wb") as f:
-            save_image(grid, f, format="png")
+            canvas.save(f, format="PNG")
 
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_acc", "lr", "seconds")

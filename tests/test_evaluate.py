@@ -27,6 +27,15 @@ def test_evaluate_prints_metrics_at_both_resolutions(run_dir, synthetic_dir, cap
     assert "32x48 (training)" in out and "64x96 (original)" in out and "mean Dice" in out
     assert "16 images (1 car)" in out and "held out from training" in out
     assert len([line for line in out.splitlines() if line.startswith(("32x48", "64x96"))]) == 4  # with and without TTA
+    assert "mean Dice at the original size without TTA, by threshold: 0.3: " in out
+    assert len((run_dir / "per_image.csv").read_text().splitlines()) == 1 + 16  # the header, then each image
+
+
+def test_evaluate_all_reports_every_image_of_the_folder(run_dir, synthetic_dir):
+    assert evaluate.main(["--checkpoint", str(run_dir), "--data-dir", str(synthetic_dir), "--all",
+                          "--workers", "0"]) == 0
+    assert len((run_dir / "per_image.csv").read_text().splitlines()) == 1 + 64
+    assert len(list((run_dir / "errors").glob("*.jpg"))) == 64
 
 
 def test_evaluate_all_scores_every_image_of_a_folder(run_dir, synthetic_dir, capsys):
