@@ -23,10 +23,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from dataset import IMAGE_DIR, KAGGLE, LAYOUTS, MASK_DIR, Layout, detect_layout, list_images, list_masks, pair_up
+from dataset import (IMAGE_DIR, KAGGLE, LAYOUTS, MASK_DIR, Layout, detect_layout, list_images, list_masks, pair_up,
+                     upright)
 from utils import UserError, atomic_write, parallel_map, plural
 
-CACHE_VERSION = 3  # bump when verdicts change meaning, so that older caches are ignored
+CACHE_VERSION = 4  # bump when verdicts change meaning, so that older caches are ignored
 # How each format ends; a file cut short (an interrupted copy or unzip) misses it.
 END_MARKERS = {"JPEG": (b"\xff\xd9", "FF D9 end marker"), "GIF": (b"\x3b", "3B trailer"),
                "PNG": (b"IEND\xaeB`\x82", "IEND chunk")}
@@ -72,7 +73,7 @@ class CheckReport:
 
 @dataclass
 class Verdict:
-    """What the check found in one file: its size (width, height) and mode, and its problem if any."""
+    """One file's verdict: its size (width, height; a photo's upright, as load_image turns it), mode and problem."""
 
     size: tuple[int, int] | None = None
     mode: str | None = None
@@ -224,7 +225,7 @@ def inspect_file(path: Path, rule: MaskRule | None = None) -> Verdict:
             except UnidentifiedImageError:
                 return Verdict(problem=not_an_image(head))
             with img:
-                verdict = Verdict(size=img.size, mode=img.mode)
+                verdict = Verdict(size=upright(img)[0] if rule is None else img.size, mode=img.mode)
                 marker, marker_name = END_MARKERS.get(img.format, (b"", ""))
                 if not tail.endswith(marker):
                     verdict.problem = f"truncated {img.format} (it does not end with the {marker_name})"

@@ -19,7 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
+from PIL.Image import Transpose
 from torch.utils.data import Dataset, Sampler
 
 from utils import plural
@@ -29,6 +30,10 @@ MASK_DIR = "train_masks"
 MASK_SUFFIX = "_mask.gif"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg")
 CARVANA_NAME = re.compile(r"[0-9a-f]{12}_\d{2}")  # '0cdf5b5d0ce1_07': a car id and a view
+# EXIF orientation -> the turn that shows a photo upright, as viewers (and ImageOps.exif_transpose) do
+UPRIGHT = {2: Transpose.FLIP_LEFT_RIGHT, 3: Transpose.ROTATE_180, 4: Transpose.FLIP_TOP_BOTTOM, 5: Transpose.TRANSPOSE,
+           6: Transpose.ROTATE_270, 7: Transpose.TRANSVERSE, 8: Transpose.ROTATE_90}
+SIDEWAYS = {UPRIGHT[orientation] for orientation in (5, 6, 7, 8)}  # the turns that swap width and height
 
 
 # --- folder layouts, pairing and the split ----------------------------------------------------
@@ -218,22 +223,30 @@ def pairs_of_groups(pairs: Sequence[tuple[Path, Path]], groups: Sequence[str]) -
 
 def load_image(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
     """A photo as uint8 (H, W, channels), RGB for 3 channels, grey for 1; with size=(height, width), resized to it.
+    Turned upright as its EXIF orientation says, as viewers show it, since that is how its mask is drawn.
 
     JPEGs are decoded at a reduced scale when the target is small (PIL's draft mode: libjpeg skips most
     of the work), then resized from the photo's own extent in the reduced image (draft's box), so that
-    the photo stays aligned with its mask.
+    the photo stays aligned with its mask; both in the stored orientation, before the photo is turned.
     """
     mode = "RGB" if channels == 3 else "L"
     with Image.open(path) as img:
-        box = None
-        if size is not None:
-            drafted = img.draft(mode, (size[1], size[0]))  # keeps at least the requested size
-            box = drafted[1] if drafted else None  # (0, 0, width, height) of the photo in the reduced image
+        turn = upright(img)[1]
+        stored = size and ((size[0], size[1]) if turn in SIDEWAYS else (size[1], size[0]))  # (width, height)
+        drafted = stored and img.draft(mode, stored)  # keeps at least the requested size
+        box = drafted[1] if drafted else None  # (0, 0, width, height) of the photo in the reduced image
         img = to_rgb(img, mode)
-        if size is not None and (img.size != (size[1], size[0]) or box not in (None, (0, 0, *img.size))):
-            img = img.resize((size[1], size[0]), Image.BILINEAR, box=box)
-        array = np.array(img)  # a writable copy: torch warns on read-only arrays
+        if stored and (img.size != stored or box not in (None, (0, 0, *img.size))):
+            img = img.resize(stored, Image.BILINEAR, box=box)
+        array = np.array(img if turn is None else img.transpose(turn))  # a writable copy, as torch wants
         return array if channels == 3 else array[:, :, None]
+
+
+def upright(img: Image.Image) -> tuple[tuple[int, int], Transpose | None]:
+    """A just-opened photo's (width, height) as viewers show it and the turn that shows it so (or None), from the EXIF
+    orientation in its header (PIL's PNG getexif would decode the pixels); PIL turns TIFFs itself, on open and load."""
+    turn = None if img.format == "TIFF" else UPRIGHT.get(Image.Image.getexif(img).get(ExifTags.Base.Orientation))
+    return (img.size[::-1] if turn in SIDEWAYS else img.size), turn
 
 
 def to_rgb(img: Image.Image, mode: str = "RGB") -> Image.Image:

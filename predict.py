@@ -4,9 +4,11 @@
     python predict.py --checkpoint runs/NAME/best.pt --input a.jpg photos/ --output out \\
         --overlay --tta --submission out/submission.csv.gz
 
-Each image runs through the model at its training size; the probabilities, upsampled bilinearly to the
-image's own size, are thresholded (or give the likeliest class). For X.jpg it writes OUTPUT/X_mask.png
-(0 background, 255 car; multi-class: a palette PNG of the class indices) and, with --overlay, X_overlay.jpg.
+Each image, turned upright as its EXIF orientation says, runs through the model at its training size; the
+probabilities, upsampled bilinearly to the image's own size, are thresholded (or give the likeliest class). For X.jpg
+it writes OUTPUT/X_mask.png (0 background, 255 car; multi-class: a palette PNG of the class indices) and, with
+--overlay, X_overlay.jpg. Images whose outputs OUTPUT holds are skipped (see --overwrite); unreadable ones are listed
+at the end (exit status 2), after every other image got its mask, and no submission is written: it would lack them.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
-from dataset import GENERIC, is_hidden, load_image
+from dataset import GENERIC, is_hidden, load_image, load_mask, upright
 from task import Task, make_task
 from utils import UserError
 
@@ -53,20 +55,17 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
             images.append(item)
         else:
             raise UserError(f"{item}: no such file or folder")
-    unique: dict[Path, Path] = {}  # a file named both directly and through its folder is predicted once
-    for path in images:
-        unique.setdefault(path.resolve(), path)
-    return list(unique.values())
+    # A file named both directly and through its folder is predicted once, where it first comes.
+    return list(dict(zip(map(Path.resolve, images), images)).values())
 
 
 def check_output_names(paths: Sequence[Path]) -> None:
     """Refuse two images that would write the same X_mask.png (a/X.jpg and b/X.png, say)."""
     seen: dict[str, Path] = {}
     for path in paths:
-        if path.stem in seen:
-            raise UserError(f"{seen[path.stem]} and {path} would both write {path.stem}_mask.png: "
+        if (first := seen.setdefault(path.stem, path)) is not path:
+            raise UserError(f"{first} and {path} would both write {path.stem}_mask.png: "
                              f"predict them into separate --output folders")
-        seen[path.stem] = path
 
 
 def save_outputs(path: Path, mask: np.ndarray, output: Path, overlay: bool = False, classes: int = 1) -> None:
@@ -86,29 +85,29 @@ def open_submission(path: Path | None) -> Iterator[Any]:
     if path is None:
         yield None
         return
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # closes the streams innermost first, raw last, synced by atomic_write
         try:
             raw = stack.enter_context(utils.atomic_write(path, "wb"))
         except OSError as e:
             raise UserError(f"{path}: cannot write the submission ({e.strerror or e})") from None
-        # filename= names the csv inside the gzip header (else it would be the temporary name).
-        gzipped = path.name.lower().endswith(".gz")
-        stream = gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw, compresslevel=6) if gzipped else raw
-        text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
-        try:
-            writer = csv.writer(text, lineterminator="\n")
-            writer.writerow(["img", "rle_mask"])
-            yield writer
-        finally:
-            text.detach()  # flushes, and leaves closing the streams to us, innermost first
-            if gzipped:
-                stream.close()  # writes the gzip trailer; raw stays open for atomic_write to sync
+        if path.name.lower().endswith(".gz"):  # filename= names the csv inside (else it would be the temporary name)
+            raw = stack.enter_context(gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw, compresslevel=6))
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        stack.callback(text.detach)  # flushes, and leaves closing the streams to the stack
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["img", "rle_mask"])
+        yield writer
 
 
 # --- model ------------------------------------------------------------------------------------
 
 def load_segmentation_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
-    """(model in eval mode, channels_last, on device; its training size (height, width)) from a checkpoint."""
+    """(model in eval mode, channels_last, on device; its training size (height, width)) from a checkpoint, or
+    from export.py's ONNX file (run by ONNX Runtime on the CPU)."""
+    if checkpoint.suffix.lower() == ".onnx":
+        from export import OnnxModel  # here, not at the top: the core install has no onnxruntime
+        model = OnnxModel(checkpoint)
+        return model, model.size
     state = utils.load_checkpoint(checkpoint)
     config = utils.training_config(state, checkpoint)
     model = utils.model_from_checkpoint(state, checkpoint).to(device, memory_format=torch.channels_last).eval()
@@ -143,39 +142,37 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
-        """(uint8 (h, w, channels) image, original (H, W), index, error message or "")."""
+        """(uint8 (h, w, channels) image, original (H, W) as viewers show it, index, error message or "")."""
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                width, height = img.size  # reads the header only
+                (width, height), _ = upright(img)  # reads the header only
             image = torch.tensor(load_image(path, self.size, self.channels))  # a copy: PIL's array is read-only
             return image, torch.tensor([height, width]), index, ""
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            # Returned, not raised: a worker's exception would reach the user wrapped in its traceback.
+        except Exception as e:  # truncated, corrupt, a decompression bomb: returned, so the others get masks
             blank = torch.zeros(*self.size, self.channels, dtype=torch.uint8)
-            return blank, torch.tensor([0, 0]), index, f"{path}: cannot read the image ({e})"
+            return blank, torch.tensor([0, 0]), index, f"{path}: cannot read the image ({type(e).__name__}: {e})"
 
 
 def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int], *, batch_size: int = 8,
-                  workers: int = 0, threshold: float = 0.5,
-                  tta: bool = False) -> Iterator[tuple[Path, np.ndarray]]:
-    """(path, mask at the image's own size: boolean, or uint8 class indices) for each path, in order."""
+                  workers: int = 0, threshold: float = 0.5, tta: bool = False,
+                  amp: str = "auto") -> Iterator[tuple[Path, np.ndarray | None, str]]:
+    """(path, mask at the image's own size: boolean, or uint8 class indices; "") for each path, in order, or
+    (path, None, why) for an image that cannot be read."""
     device = next(model.parameters()).device
-    dtype = utils.autocast_dtype(device)
+    dtype = utils.autocast_dtype(device, amp)
     task = make_task(model.config["out_channels"])
     loader = DataLoader(ImageFiles(paths, size, model.config["in_channels"]), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda")
     for images, sizes, indices, errors in loader:
-        if bad := [e for e in errors if e]:
-            raise UserError(bad[0])
         # (N, h, w, 3) uint8 permuted to (N, 3, h, w) is already channels_last in memory.
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         with utils.autocast(device, dtype):
             probs = predict_probabilities(model, x, task, tta)
-        for prob, (height, width), index in zip(probs, sizes.tolist(), indices.tolist()):
+        for prob, (height, width), index, error in zip(probs, sizes.tolist(), indices.tolist(), errors):
             # Upsample the probabilities, not the decided mask, so edges are smooth at full size.
-            mask = task.labels(upsample_to(prob[None], (height, width)), threshold)[0]
-            yield paths[index], mask.cpu().numpy()
+            mask = None if error else task.labels(upsample_to(prob[None], (height, width)), threshold)[0].cpu().numpy()
+            yield paths[index], mask, error
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -193,10 +190,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="binary models: a pixel is car above this probability (default: %(default)s)")
     parser.add_argument("--overlay", action="store_true",
                         help="also write X_overlay.jpg: the mask tinted over the full-resolution photo")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                        help="mixed precision, as train.py's (default: auto; off: fp32, as an ONNX export runs)")
     parser.add_argument("--tta", action="store_true",
                         help="average the probabilities of each image and its horizontal mirror (2x the compute)")
     parser.add_argument("--submission", type=Path, metavar="FILE",
                         help="also write a Kaggle submission (img,rle_mask) here, gzip'ed for .gz (binary models)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="predict every image again (default: skip those whose outputs OUTPUT already holds)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images a pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", metavar="NAME",
                         help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -225,15 +226,36 @@ def run(args: argparse.Namespace) -> None:
     except OSError as e:
         raise UserError(f"{args.output}: cannot create the output folder ({e.strerror or e})") from None
     kind = ("" if model.config["in_channels"] == 3 else ", grayscale") + (f", {classes} classes" if classes > 1 else "")
+    # Outputs are written atomically, so an earlier run's are complete: their images are skipped unless --overwrite.
+    names = ("_mask.png", "_overlay.jpg")[:1 + args.overlay]
+    done = {p for p in paths if not args.overwrite and all((args.output / (p.stem + n)).is_file() for n in names)}
+    skipped = f"; {len(done)} already done, skipped (--overwrite predicts them again)" if done else ""
     print(f"{len(paths)} image(s) -> {args.output}: model input {size[0]}x{size[1]}{kind} on {device}"
-          f"{', TTA' if args.tta else ''}")
-    predictions = predict_paths(model, paths, size, batch_size=args.batch_size, workers=args.workers,
-                                threshold=args.threshold, tta=args.tta)
+          f"{', TTA' if args.tta else ''}{skipped}")
+    predictions = predict_paths(model, [p for p in paths if p not in done], size, batch_size=args.batch_size,
+                                workers=args.workers, threshold=args.threshold, tta=args.tta, amp=args.amp)
+    failures = []
     with open_submission(args.submission) as submission:
-        for path, mask in tqdm(predictions, total=len(paths), unit="img", desc="predict"):
-            save_outputs(path, mask, args.output, overlay=args.overlay, classes=classes)
-            if submission is not None:
+        for path in tqdm(paths, unit="img", desc="predict"):
+            mask, problem = None, ""
+            if path not in done:
+                _, mask, problem = next(predictions)
+                if mask is not None:
+                    save_outputs(path, mask, args.output, overlay=args.overlay, classes=classes)
+            elif submission is not None:  # its row comes from the mask written before
+                try:
+                    mask = load_mask(args.output / f"{path.stem}_mask.png")
+                except Exception as e:  # not predict.py's mask after all
+                    problem = f"{path}: cannot read back its mask ({e}); delete the mask to predict the image again"
+            if problem:
+                failures.append(problem)
+            elif submission is not None:
                 submission.writerow([path.name, rle_encode(mask)])
+        if failures:  # raised inside the block, so that no submission is written without their rows
+            print(*(f"error: {line}" for line in failures), sep="\n", file=sys.stderr)
+            raise UserError(f"{len(failures)} of {len(paths)} image(s) failed (listed above)"
+                            f"{f' and {args.submission} was not written' if args.submission else ''}: replace or "
+                            f"remove them and run again, which predicts only what is missing")
     if args.submission is not None:
         print(f"submission: {args.submission} ({len(paths)} rows)")
 

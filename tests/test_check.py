@@ -147,6 +147,14 @@ def test_mask_size_differs_from_its_photo(data, capsys):
     assert_error(data, capsys, mask_of(data, 2), "16x12", "32x24", photo(data, 2).name)
 
 
+def test_a_sideways_photo_is_checked_at_the_size_viewers_show(data, capsys):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers (and load_image) turn the photo a quarter: its width and height swap
+    Image.new("RGB", (SIZE[1], SIZE[0])).save(photo(data, 1), exif=exif)  # shown 32x24, as its mask: fine
+    Image.new("RGB", SIZE).save(photo(data, 2), exif=exif)  # stored as its mask, but shown 24x32
+    assert_error(data, capsys, mask_of(data, 2), "mask is 32x24", "is 24x32", photo(data, 2).name)
+
+
 def test_mask_values_other_than_binary(data, capsys):
     write_mask(mask_of(data, 1), extra=7, palette=GREY_PALETTE)
     assert_error(data, capsys, mask_of(data, 1), "values {0, 1, 7}")

@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import dataset as ds
 
@@ -125,3 +125,25 @@ def test_reduced_jpeg_decode_keeps_the_geometry_of_a_full_resize(tmp_path, size)
     assert fast.shape == full.shape == size
     assert abs(_edge_column(full.mean(axis=0)) - want) < 0.05
     assert abs(_edge_column(fast.mean(axis=0)) - want) < 0.05
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".tif"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_load_image_turns_a_photo_upright_as_its_exif_orientation_says(tmp_path, suffix, orientation):
+    # Stored 203x130 (no multiple of 8: draft's box is partial), red growing left to right and green top to
+    # bottom, so that every turn and flip shows; orientations 5-8 show it 130 wide and 203 high.
+    y, x = np.mgrid[:130, :203]
+    pixels = np.stack([x * 255 // 202, y * 255 // 129, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo{suffix}"
+    Image.fromarray(pixels).save(path, exif=exif, **({"quality": 95} if suffix == ".jpg" else {}))
+    with Image.open(path) as img:
+        assert ds.upright(img)[0] == ((130, 203) if orientation >= 5 else (203, 130))
+    with Image.open(path) as img:
+        shown = ImageOps.exif_transpose(img).convert("RGB")  # as viewers show it
+    np.testing.assert_array_equal(ds.load_image(path), np.asarray(shown))
+    # At a training size the photo is decoded reduced (JPEG's draft) and resized before it is turned.
+    resized = np.asarray(shown.resize((40, 24), Image.BILINEAR), np.float64)
+    loaded = ds.load_image(path, (24, 40)).astype(np.float64)
+    assert loaded.shape == (24, 40, 3) and np.abs(loaded - resized).mean() < 1

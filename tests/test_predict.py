@@ -1,8 +1,10 @@
-"""predict.py on CPU with a tiny U-Net: outputs, submission, thresholds, TTA and user errors."""
+"""predict.py on CPU with a tiny U-Net: outputs, submission, thresholds, TTA, bad images, reruns, EXIF orientation
+and user errors."""
 from __future__ import annotations
 
 import csv
 import gzip
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +131,8 @@ def test_masks_are_thresholded_after_upsampling(monkeypatch: pytest.MonkeyPatch,
     model, size = predict.load_segmentation_model(checkpoint, torch.device("cpu"))
     paths = predict.find_images([images])
     results = list(predict.predict_paths(model, paths, size, batch_size=2, tta=True))
-    assert [path for path, _ in results] == paths
-    for path, mask in results:
+    assert [path for path, _, _ in results] == paths and not any(problem for _, _, problem in results)
+    for path, mask, _ in results:
         x = torch.from_numpy(load_image(path, size).copy()).permute(2, 0, 1)[None].float() / 255
         with Image.open(path) as img:
             width, height = img.size
@@ -251,13 +253,105 @@ def test_bad_checkpoint(tmp_path: Path, images: Path, capsys: pytest.CaptureFixt
     assert_user_error(capsys, path)
 
 
+# ---------------------------------------------------------------------------------------------
+# Real folders: bad images, reruns, EXIF orientation
+# ---------------------------------------------------------------------------------------------
+
+def read_submission(path: Path) -> list[list[str]]:
+    with gzip.open(path, "rt", newline="") as f:
+        return list(csv.reader(f))
+
+
+def stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """{file name: (inode, mtime)}: a file rewritten atomically gets a new inode."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
 @pytest.mark.parametrize("workers", ["0", "1"])
-def test_unreadable_image_leaves_no_submission(tmp_path: Path, images: Path, checkpoint: Path,
-                                               capsys: pytest.CaptureFixture, workers: str) -> None:
-    broken = tmp_path / "broken.jpg"
+def test_bad_images_are_listed_after_every_good_mask_and_leave_no_submission(
+        tmp_path: Path, images: Path, checkpoint: Path, capsys: pytest.CaptureFixture, workers: str) -> None:
+    photos = shutil.copytree(images, tmp_path / "photos")
+    truncated = photos / "d.jpg"  # cut to half its bytes: PIL must refuse it, not decode the half
+    truncated.write_bytes((photos / "a.jpg").read_bytes()[:(photos / "a.jpg").stat().st_size // 2])
+    broken = photos / "e.jpg"
     broken.write_bytes(b"not a jpeg")
-    submission = tmp_path / "submission.csv"
-    assert run_main("--checkpoint", checkpoint, "--input", images, broken, "--output", tmp_path / "out",
-                    "--submission", submission, "--workers", workers, "--device", "cpu") == 2
-    assert_user_error(capsys, broken, "cannot read")
+    out, submission = tmp_path / "out", tmp_path / "submission.csv.gz"
+    assert run_main("--checkpoint", checkpoint, "--input", photos, "--output", out, "--submission", submission,
+                    "--batch-size", "2", "--workers", workers, "--device", "cpu") == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{Path(n).stem}_mask.png" for n in IMAGE_SIZES)
     assert not submission.exists() and not list(tmp_path.glob(".*.tmp"))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert f"error: {truncated}: cannot read the image (OSError: image file is truncated" in err
+    assert any(line.startswith(f"error: {broken}: cannot read the image") for line in lines), err
+    assert lines[-1].startswith("error: 2 of 5 image(s) failed") and str(submission) in lines[-1], err
+
+    # Once the bad files are gone, a rerun predicts nothing again and writes the whole submission.
+    truncated.unlink()
+    broken.unlink()
+    before = stamps(out)
+    assert run_main("--checkpoint", checkpoint, "--input", photos, "--output", out, "--submission", submission,
+                    "--workers", workers, "--device", "cpu") == 0
+    assert "3 already done" in capsys.readouterr().out
+    assert stamps(out) == before
+    rows = read_submission(submission)
+    assert [name for name, _ in rows[1:]] == sorted(IMAGE_SIZES)
+    for name, rle in rows[1:]:
+        mask = read_png(out / f"{Path(name).stem}_mask.png")
+        np.testing.assert_array_equal(predict.rle_decode(rle, mask.shape) * 255, mask)
+
+
+def test_a_rerun_predicts_only_what_is_missing(tmp_path: Path, images: Path, checkpoint: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    out, submission = tmp_path / "out", tmp_path / "submission.csv.gz"
+    args = ["--checkpoint", checkpoint, "--input", images, "--output", out, "--workers", "0", "--device", "cpu"]
+    assert run_main(*args, "--submission", submission) == 0
+    first = read_submission(submission)
+    (out / "b_mask.png").unlink()
+    before = stamps(out)
+    assert run_main(*args, "--submission", submission) == 0
+    assert "2 already done" in capsys.readouterr().out
+    after = stamps(out)
+    assert {name: after[name] for name in ("a_mask.png", "c_mask.png")} == \
+        {name: before[name] for name in ("a_mask.png", "c_mask.png")}
+    assert read_submission(submission) == first  # the skipped images' rows come from their masks
+
+    # --overlay skips an image only when its overlay is there too; --overwrite predicts every image again.
+    assert run_main(*args, "--overlay") == 0
+    assert "already done" not in capsys.readouterr().out
+    assert all((out / f"{Path(name).stem}_overlay.jpg").is_file() for name in IMAGE_SIZES)
+    before = stamps(out)
+    assert run_main(*args, "--overlay") == 0
+    assert "3 already done" in capsys.readouterr().out and stamps(out) == before
+    assert run_main(*args, "--overwrite") == 0
+    after = stamps(out)
+    assert all(after[f"{Path(n).stem}_mask.png"] != before[f"{Path(n).stem}_mask.png"] for n in IMAGE_SIZES)
+
+
+def test_a_decompression_bomb_is_listed_not_fatal(tmp_path: Path, images: Path, checkpoint: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)  # PIL refuses images over twice as many pixels
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (100, 100)).save(bomb)
+    out = tmp_path / "out"
+    assert run_main("--checkpoint", checkpoint, "--input", images, bomb, "--output", out, "--workers", "0",
+                    "--device", "cpu") == 2
+    err = capsys.readouterr().err
+    assert f"error: {bomb}: cannot read the image (DecompressionBombError" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{Path(n).stem}_mask.png" for n in IMAGE_SIZES)
+
+
+def test_a_sideways_photo_gets_a_mask_of_the_size_viewers_show(tmp_path: Path, images: Path,
+                                                             checkpoint: Path) -> None:
+    with Image.open(images / "a.jpg") as img:  # stored 70 wide, 45 high
+        exif = Image.Exif()
+        exif[0x0112] = 6  # viewers turn it 90 degrees clockwise: 45 wide, 70 high
+        img.save(tmp_path / "sideways.jpg", exif=exif)
+    out = tmp_path / "out"
+    assert run_main("--checkpoint", checkpoint, "--input", tmp_path / "sideways.jpg", "--output", out, "--overlay",
+                    "--workers", "0", "--device", "cpu") == 0
+    assert read_png(out / "sideways_mask.png").shape == (70, 45)
+    with Image.open(out / "sideways_overlay.jpg") as overlay:
+        assert overlay.size == (45, 70)
