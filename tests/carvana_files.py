@@ -35,3 +35,14 @@ def write_tiny_carvana(root: Path, cars: int = 3, size: tuple[int, int] = (48, 3
         (root / ds.IMAGE_DIR / f"{val_car}_{view:02d}.jpg").unlink()
         (root / ds.MASK_DIR / f"{val_car}_{view:02d}{ds.MASK_SUFFIX}").unlink()
     return root
+
+
+def write_blob_photos(folder: Path, sizes: dict[str, tuple[int, int]], seed: int = 0) -> Path:
+    """Photos {name: (width, height)} of a bright blob on a noisy background, so that masks have some structure."""
+    rng = np.random.default_rng(seed)
+    for name, (width, height) in sizes.items():
+        y, x = np.ogrid[:height, :width]
+        blob = ((y - height / 2) / (height / 3)) ** 2 + ((x - width / 2) / (width / 3)) ** 2 <= 1
+        pixels = rng.integers(0, 100, (height, width, 3)) + 150 * blob[..., None]
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / name)
+    return folder

@@ -27,6 +27,17 @@ def synthetic_dir(tmp_path_factory) -> Path:
     return synthetic.generate_synthetic(tmp_path_factory.mktemp("synthetic") / "data", cars=4, size=(96, 64), seed=1)
 
 
+TINY_RUN = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "8", "--workers", "0",
+            "--val-cars", "1", "--epochs", "1"]
+
+
+def one_epoch_run(data: Path, out: Path, *flags: str) -> Path:
+    """out, once train.py has trained a tiny UNet for one epoch on data, one car held out."""
+    import train
+    assert train.main(["--data-dir", str(data), "--out-dir", str(out), *TINY_RUN, *flags]) == 0
+    return out
+
+
 def needs_shared_carvana():
     """Skip marker for checks that need the 32 real cars in ../shared/carvana."""
     return pytest.mark.skipif(not (SHARED_CARVANA / "train").is_dir(),

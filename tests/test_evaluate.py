@@ -6,18 +6,14 @@ from pathlib import Path
 import pytest
 
 import evaluate
-import train
+from conftest import one_epoch_run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "8", "--workers", "0",
-        "--val-cars", "1", "--num-predictions", "0"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(synthetic_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "1", *TINY]) == 0
-    return out
+    return one_epoch_run(synthetic_dir, tmp_path_factory.mktemp("run"), "--num-predictions", "0")
 
 
 def test_evaluate_prints_metrics_at_both_resolutions(run_dir, synthetic_dir, capsys):

@@ -19,6 +19,7 @@ import predict
 import utils
 from dataset import load_image
 from model import UNet
+from carvana_files import write_blob_photos
 
 TRAIN_SIZE = (32, 48)  # (height, width) in the checkpoint's config
 PHOTO_SIZES = {"odd.png": (97, 61), "wide.jpg": (120, 80), "small.png": (33, 47)}  # name -> PIL (width, height)
@@ -26,15 +27,8 @@ PHOTO_SIZES = {"odd.png": (97, 61), "wide.jpg": (120, 80), "small.png": (33, 47)
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Photos of odd sizes: a bright blob on a noisy background, so the masks have some structure."""
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for name, (width, height) in PHOTO_SIZES.items():
-        y, x = np.ogrid[:height, :width]
-        blob = ((y - height / 2) / (height / 3)) ** 2 + ((x - width / 2) / (width / 3)) ** 2 <= 1
-        pixels = rng.integers(0, 100, (height, width, 3)) + 150 * blob[..., None]
-        Image.fromarray(pixels.astype(np.uint8)).save(folder / name)
-    return folder
+    """Photos of odd sizes."""
+    return write_blob_photos(tmp_path_factory.mktemp("photos"), PHOTO_SIZES)
 
 
 def save_checkpoint(path: Path, photos: Path, seed: int = 0) -> Path:

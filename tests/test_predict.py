@@ -18,6 +18,7 @@ import predict
 import utils
 from dataset import load_image
 from model import UNet
+from carvana_files import write_blob_photos
 from task import BinaryTask
 
 BINARY = BinaryTask()
@@ -42,14 +43,7 @@ def save_tiny_checkpoint(model: nn.Module, path: Path, config: dict | None = Non
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of small photos of different sizes, plus files predict.py must skip."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for name, (width, height) in IMAGE_SIZES.items():
-        # A bright blob on a noisy background, so the masks have some structure.
-        y, x = np.ogrid[:height, :width]
-        blob = ((y - height / 2) / (height / 3)) ** 2 + ((x - width / 2) / (width / 3)) ** 2 <= 1
-        pixels = rng.integers(0, 100, (height, width, 3)) + 150 * blob[..., None]
-        Image.fromarray(pixels.astype(np.uint8)).save(folder / name)
+    folder = write_blob_photos(tmp_path_factory.mktemp("images"), IMAGE_SIZES)
     (folder / ".hidden.jpg").write_bytes(b"not an image")
     (folder / "._a.jpg").write_bytes(b"macOS fork")
     (folder / "notes.txt").write_text("not an image")

@@ -11,18 +11,14 @@ import pytest
 import torch
 
 import dataset as ds
-import train
+from conftest import one_epoch_run
 import utils
 
-TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "8", "--workers", "0",
-        "--val-cars", "1", "--num-predictions", "1"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(synthetic_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "1", *TINY]) == 0
-    return out
+    return one_epoch_run(synthetic_dir, tmp_path_factory.mktemp("run"), "--num-predictions", "1")
 
 
 class Page(HTMLParser):
