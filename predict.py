@@ -110,8 +110,13 @@ def load_segmentation_model(checkpoint: Path, device: torch.device) -> tuple[nn.
         return model, model.size
     state = utils.load_checkpoint(checkpoint)
     config = utils.training_config(state, checkpoint)
-    model = utils.model_from_checkpoint(state, checkpoint).to(device, memory_format=torch.channels_last).eval()
+    model = utils.model_from_checkpoint(state, checkpoint).to(device, memory_format=memory_format(device)).eval()
     return model, (config.height, config.width)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The model's and its inputs' memory format on this device (utils.default_channels_last)."""
+    return torch.channels_last if utils.default_channels_last(device) else torch.contiguous_format
 
 
 @torch.inference_mode()
@@ -165,8 +170,9 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int]
     loader = DataLoader(ImageFiles(paths, size, model.config["in_channels"]), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda")
     for images, sizes, indices, errors in loader:
-        # (N, h, w, 3) uint8 permuted to (N, 3, h, w) is already channels_last in memory.
+        # (N, h, w, 3) uint8 permuted to (N, 3, h, w) is channels_last in memory already.
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = x.contiguous(memory_format=memory_format(device))
         with utils.autocast(device, dtype):
             probs = predict_probabilities(model, x, task, tta)
         for prob, (height, width), index, error in zip(probs, sizes.tolist(), indices.tolist(), errors):

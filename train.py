@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mixed precision; auto (default): bf16 on CUDA and bf16 CPUs, fp16 on older GPUs, else off")
     run.add_argument("--fp32-warmup", type=float, default=0.05, metavar="FRACTION",
                      help="fraction of the first steps trained in fp32 before --amp (default: %(default)s)")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="channels_last memory format (default: on)")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                     help="channels_last memory format (default: on GPUs and CPUs with bf16 units)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     run.add_argument("--num-predictions", type=int, default=4,
@@ -327,8 +327,9 @@ class Setup:
     def create(args: argparse.Namespace, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> Setup:
         """This process's set-up for the run's --device, --amp, --channels-last and --classes."""
         device = utils.select_device(args.device, local_rank)
+        channels_last = utils.default_channels_last(device) if args.channels_last is None else args.channels_last
         return Setup(rank, world_size, local_rank, device, utils.autocast_dtype(device, args.amp),
-                     torch.channels_last if args.channels_last else torch.contiguous_format,
+                     torch.channels_last if channels_last else torch.contiguous_format,
                      make_task(args.classes, args.ignore_index))
 
 
@@ -473,8 +474,9 @@ def describe_run(args: argparse.Namespace, setup: Setup, net: UNet, train_pairs:
     warmup = fp32_warmup_steps(args, opt.scheduler) if setup.amp_dtype else 0
     return (f"{ds.describe_pairs(train_pairs)} for training, {ds.describe_pairs(val_pairs)} for validation from "
             f"{source}; UNet {net.config['features']} ({count_parameters(net) / 1e6:.1f} M parameters){kind} on "
-            f"{setup.device}{f' x{setup.world_size}' if setup.world_size > 1 else ''}, amp "
-            f"{setup.amp_dtype or 'off'}{f' after {warmup} fp32 steps' if warmup else ''}")
+            f"{utils.device_name(setup.device)}{f' x{setup.world_size}' if setup.world_size > 1 else ''}, amp "
+            f"{setup.amp_dtype or 'off'}{f' after {warmup} fp32 steps' if warmup else ''}, "
+            f"{'channels_last' if setup.memory_format == torch.channels_last else 'NCHW'}, {args.workers} workers")
 
 
 # --- stopping: signals and a diverged loss ----------------------------------------------------

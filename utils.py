@@ -187,6 +187,20 @@ def cpu_has_bf16_units() -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
+def default_channels_last(device: torch.device) -> bool:
+    """channels_last on GPUs and CPUs with bf16 units; NCHW on other CPUs, where a training step ran slower in it."""
+    return device.type != "cpu" or cpu_has_bf16_units()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's vector instructions and whether it has bf16 units: what the defaults follow."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.backends.cpu.get_cpu_capability()}, {'' if cpu_has_bf16_units() else 'no '}bf16 units)"
+    return str(device)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """torch.autocast for dtype, or a no-op context when dtype is None."""
     if dtype is None:

@@ -43,7 +43,8 @@ def measure_steps(opts: argparse.Namespace, variant: str) -> dict[str, Any]:
     args = variant_args(opts, variant)
     device = utils.select_device(opts.device)
     amp_dtype = utils.autocast_dtype(device, args.amp)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    channels_last = utils.default_channels_last(device) if args.channels_last is None else args.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as train.Setup picks it
     torch.manual_seed(0)
     images = torch.rand(args.batch_size, 3, args.height, args.width, device=device).contiguous(memory_format=memory_format)
     masks = (torch.rand(args.batch_size, 1, args.height, args.width, device=device) > 0.5).float()
@@ -70,7 +71,7 @@ def measure_steps(opts: argparse.Namespace, variant: str) -> dict[str, Any]:
     else:
         peak_mb = common.max_rss_mb() - rss_before  # the rise of this fresh process's high-water mark
     return {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-            "channels_last": args.channels_last, "step_s": step_s, "img_s": args.batch_size / step_s,
+            "channels_last": memory_format == torch.channels_last, "step_s": step_s, "img_s": args.batch_size / step_s,
             "peak_memory_mb": peak_mb, "gemm_tflops": gemm, "step_seconds": seconds}
 
 

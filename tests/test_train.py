@@ -119,6 +119,19 @@ def test_default_workers_follow_the_device_and_the_cpus(monkeypatch, device, cud
     assert train.parse_args(["--device", device, "--workers", "3"])[0].workers == 3
 
 
+@pytest.mark.parametrize("bf16_units, flags, expected", [
+    (False, [], torch.contiguous_format),  # an AVX2 CPU: NCHW unless asked
+    (True, [], torch.channels_last),
+    (False, ["--channels-last"], torch.channels_last),
+    (True, ["--no-channels-last"], torch.contiguous_format),
+])
+def test_channels_last_by_default_only_on_cpus_with_bf16_units(monkeypatch, capsys, bf16_units, flags, expected):
+    monkeypatch.setattr(train.utils, "cpu_has_bf16_units", lambda: bf16_units)
+    args, _ = train.parse_args(["--device", "cpu", *flags])
+    assert train.Setup.create(args).memory_format == expected
+    assert ("no bf16 units" in train.utils.device_name(train.torch.device("cpu"))) != bf16_units
+
+
 def record_step_precision(monkeypatch) -> list:
     """Patch train.train_step to note the autocast dtype of every training step."""
     seen, original = [], train.train_step
