@@ -218,7 +218,6 @@ def pairs_of_groups(pairs: Sequence[tuple[Path, Path]], groups: Sequence[str]) -
     return [pair for pair in pairs if group_of(pair[0]) in keep]
 
 
-
 # --- loading and augmentations ----------------------------------------------------------------
 
 def load_image(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
