@@ -165,14 +165,14 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int]
     """(path, mask at the image's own size: boolean, or uint8 class indices; "") for each path, in order, or
     (path, None, why) for an image that cannot be read."""
     device = next(model.parameters()).device
-    dtype = utils.autocast_dtype(device, amp)
+    dtype, layout = utils.autocast_dtype(device, amp), memory_format(device)
     task = make_task(model.config["out_channels"])
     loader = DataLoader(ImageFiles(paths, size, model.config["in_channels"]), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda")
     for images, sizes, indices, errors in loader:
         # (N, h, w, 3) uint8 permuted to (N, 3, h, w) is channels_last in memory already.
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        x = x.contiguous(memory_format=memory_format(device))
+        x = x.contiguous(memory_format=layout)
         with utils.autocast(device, dtype):
             probs = predict_probabilities(model, x, task, tta)
         for prob, (height, width), index, error in zip(probs, sizes.tolist(), indices.tolist(), errors):

@@ -7,6 +7,7 @@ import colorsys
 import concurrent.futures
 import contextlib
 import csv
+import functools
 import json
 import multiprocessing
 import os
@@ -178,6 +179,7 @@ def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | Non
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else None
 
 
+@functools.cache  # /proc/cpuinfo does not change: read it once per process
 def cpu_has_bf16_units() -> bool:
     """True on CPUs with AVX512-BF16 or AMX (as Linux lists them); elsewhere bf16 is emulated, slower than fp32."""
     try:
