@@ -192,12 +192,14 @@ def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], progress
     files are inspected in `workers` threads (default: one per core), since PIL decodes without the GIL.
     """
     jobs = [(path, None) for path in images] + [(path, rule) for path in sorted(masks)]  # None: a photo
-    stamps = {path: [path.stat().st_size, path.stat().st_mtime_ns, job_rule and list(job_rule)]
+    stats = {path: path.stat() for path, _ in jobs}
+    stamps = {path: [stats[path].st_size, stats[path].st_mtime_ns, job_rule and list(job_rule)]
               for path, job_rule in jobs}
+    keys = {path: path.relative_to(data_dir).as_posix() for path, _ in jobs}  # however DIR was spelled
     cached = load_cache(data_dir) if cache else {}
     verdicts = {}
     for path, _ in jobs:
-        entry = cached.get(str(path), {})
+        entry = cached.get(keys[path], {})
         if entry.get("stamp") == stamps[path]:
             verdicts[path] = Verdict(entry["size"] and tuple(entry["size"]), entry["mode"], entry["problem"])
     todo = [job for job in jobs if job[0] not in verdicts]
@@ -205,7 +207,7 @@ def inspect_files(data_dir: Path, images: list[Path], masks: set[Path], progress
                  desc="checking", unit="file", disable=not progress, leave=False)
     verdicts.update(zip([path for path, _ in todo], found))
     if cache and todo:
-        save_cache(data_dir, {str(path): {"stamp": stamps[path], **asdict(v)} for path, v in verdicts.items()})
+        save_cache(data_dir, {keys[path]: {"stamp": stamps[path], **asdict(v)} for path, v in verdicts.items()})
     return {path: verdicts[path] for path, _ in jobs}
 
 

@@ -39,7 +39,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's)")
     parser.add_argument("--workers", type=int, help="data-loading processes, 0: the main process (default: train's)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cuda:1, mps, cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
+        parser.error("--batch-size must be at least 1 and --workers 0 or more")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     net = utils.model_from_checkpoint(state, args.checkpoint)
     config = utils.training_config(state, args.checkpoint)  # the run's settings, but this command's data and machine
     config.data_dir = args.data_dir or getattr(config, "val_dir", None) or config.data_dir
-    config.batch_size, config.device = args.batch_size or config.batch_size, args.device
+    config.batch_size = config.batch_size if args.batch_size is None else args.batch_size
+    config.device = args.device
     config.workers = default_workers(args.device) if args.workers is None else args.workers
     setup = Setup.create(config, rank, world_size, local_rank)
     pairs = checked_pairs(Path(config.data_dir), config, setup)
@@ -63,13 +67,19 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
         if not pairs:
             raise utils.UserError(f"none of the validation cars or images of {args.checkpoint} are in "
                                   f"{config.data_dir}; pass --all to score every image there")
-    net = net.to(setup.device, memory_format=setup.memory_format)
     run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    summary = (f"{ds.describe_pairs(pairs)} of {config.data_dir}{'' if args.all else ', held out from training'} "
+               f"({args.checkpoint})")
+    score(net, pairs, config, setup, run_dir, summary, args.tta)
+
+
+def score(net: torch.nn.Module, pairs: Sequence[tuple[Path, Path]], config: argparse.Namespace, setup: Setup,
+          run_dir: Path, summary: str, tta: bool = False) -> None:
+    """Score net on the pairs: print the table and the threshold line, write per_image.csv and report.html."""
+    net = net.to(setup.device, memory_format=setup.memory_format)
     per_image = PerImage(setup.task, run_dir, setup.device)
-    results = evaluate_at_training_and_original_size(net, pairs, config, setup, args.tta, per_image)
+    results = evaluate_at_training_and_original_size(net, pairs, config, setup, tta, per_image)
     if setup.is_main:
-        summary = (f"{ds.describe_pairs(pairs)} of {config.data_dir}"
-                   f"{'' if args.all else ', held out from training'} ({args.checkpoint})")
         print(summary)
         print_table(results, config, original_size_label(pairs), setup)
         if per_image.threshold_dice:

@@ -41,7 +41,7 @@ class PerImage:
 
     def add(self, image: Path, probs: torch.Tensor, truth: torch.Tensor) -> None:
         """One image: its probabilities (1, C, H, W) on the device and its truth (H, W), at its original size."""
-        ignore = getattr(self.task, "ignore_index", 255)
+        ignore = self.task.ignore_index
         pred, truth = self.task.labels(probs)[0], truth.to(probs.device)
         m, codes = utils.image_scores(pred, truth, self.task.classes, ignore), utils.error_codes(pred, truth, ignore)
         (height, width), thumb_width = pred.shape, min(THUMBNAIL_WIDTH, pred.shape[1])

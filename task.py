@@ -45,6 +45,7 @@ class BinaryTask:
     """One logit per pixel (car or not): BCE + soft Dice on coverage targets, a car where its probability is high."""
 
     classes = 1
+    ignore_index = 255  # no pixel of a binary mask holds it
     best_name = "Dice"  # what best.pt is chosen by
     # evaluate.py's table: (title, metrics key, column width), then what the columns mean.
     table = (("mean Dice", "mean_dice", 10), ("Dice", "dice", 9), ("mean IoU", "mean_iou", 10),

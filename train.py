@@ -140,7 +140,10 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
     """Set up data, model and optimiser, then train epoch by epoch; returns the exit status."""
     setup = Setup.create(args, rank, world_size, local_rank)
     torch.manual_seed(args.seed)
-    out_dir = Path(args.out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out_dir = [args.out_dir or str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(out_dir)  # rank 0's: the ranks' default names may differ by a second
+    out_dir = Path(out_dir[0])
     train_pairs, val_pairs, split = load_split(args, state, setup)
     net, model = build_model(args, state, setup)
     train_loader = make_loader(train_pairs, args, setup, train=True)
@@ -202,16 +205,17 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
                 print(f"\nstopped by signal after epoch {epoch}; {out_dir / 'last.pt'} holds it. "
                       f"Resume with: python train.py --resume {out_dir}", file=sys.stderr)
             return 130
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 has written the checkpoints
+    # A run resumed into a new folder has no best.pt there unless it improved on the checkpoint's best (nor a
+    # last.pt when the checkpoint had finished): then the newest checkpoint scores.
+    best = next((path for path in (out_dir / "best.pt", out_dir / "last.pt") if path.is_file()), Path(str(args.resume)))
     if setup.is_main:
         print(f"done: best validation {setup.task.best_name} {best_dice:.4f} at {args.height}x{args.width}; "
-              f"run folder {out_dir}. Scoring best.pt at the original size:")
-    best = [str(out_dir / "best.pt")]  # rank 0's: the ranks' default run folders may differ by a second
-    if dist.is_initialized():
-        dist.broadcast_object_list(best)  # and waits for rank 0 to write it
-    from evaluate import parse_args as evaluate_args, run as evaluate_checkpoint  # here: evaluate.py imports train
-    evaluate_checkpoint(evaluate_args(["--checkpoint", best[0], "--data-dir", args.val_dir or args.data_dir,
-                                       "--workers", str(args.workers), "--device", args.device]),
-                        setup.rank, setup.world_size, setup.local_rank)
+              f"run folder {out_dir}. Scoring {best.name} at the original size:")
+    from evaluate import score  # here, since evaluate.py imports train.py
+    score(utils.model_from_checkpoint(utils.load_checkpoint(best), best), val_pairs, args, setup, out_dir,
+          f"{ds.describe_pairs(val_pairs)}, held out from training ({best})")
     return 0
 
 
@@ -302,7 +306,7 @@ def save_predictions(net: torch.nn.Module, data: ds.SegmentationDataset, indices
     labels = setup.task.labels(setup.task.probabilities(logits).cpu())
     names = [data.pairs[i][0].stem for i in indices]
     utils.save_prediction_images(images, setup.task.truth(masks), labels, names, out_dir, setup.task.classes,
-                                 getattr(setup.task, "ignore_index", 255))
+                                 setup.task.ignore_index)
 
 
 # --- set-up: processes, data, model, optimisation ---------------------------------------------

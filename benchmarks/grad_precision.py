@@ -21,7 +21,6 @@ import torch
 
 import common
 import dataset as ds
-import train
 import utils
 from model import UNet
 from task import bce_dice_loss

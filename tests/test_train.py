@@ -64,6 +64,12 @@ def test_resume_with_other_epochs_is_refused_in_one_line_and_changes_nothing(two
     assert {p.name: p.stat().st_mtime_ns for p in two_epoch_run.iterdir()} == before
 
 
+def test_a_run_resumed_into_a_new_folder_ends_by_scoring_what_it_has(two_epoch_run, tmp_path, capsys):
+    # Finished before the resume, it trains nothing: no best.pt or last.pt in the new folder.
+    assert train.main(["--resume", str(two_epoch_run / "last.pt"), "--out-dir", str(tmp_path / "again")]) == 0
+    assert "last.pt" in capsys.readouterr().out and (tmp_path / "again" / "per_image.csv").is_file()
+
+
 def test_empty_data_dir_exits_with_both_commands(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path / "nothing")],
                             capture_output=True, text=True, cwd=train.Path(train.__file__).parent)
