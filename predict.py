@@ -110,13 +110,8 @@ def load_segmentation_model(checkpoint: Path, device: torch.device) -> tuple[nn.
         return model, model.size
     state = utils.load_checkpoint(checkpoint)
     config = utils.training_config(state, checkpoint)
-    model = utils.model_from_checkpoint(state, checkpoint).to(device, memory_format=memory_format(device)).eval()
+    model = utils.model_from_checkpoint(state, checkpoint).to(device, memory_format=utils.memory_format(device)).eval()
     return model, (config.height, config.width)
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """The model's and its inputs' memory format on this device (utils.default_channels_last)."""
-    return torch.channels_last if utils.default_channels_last(device) else torch.contiguous_format
 
 
 @torch.inference_mode()
@@ -165,7 +160,7 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int]
     """(path, mask at the image's own size: boolean, or uint8 class indices; "") for each path, in order, or
     (path, None, why) for an image that cannot be read."""
     device = next(model.parameters()).device
-    dtype, layout = utils.autocast_dtype(device, amp), memory_format(device)
+    dtype, layout = utils.autocast_dtype(device, amp), utils.memory_format(device)
     task = make_task(model.config["out_channels"])
     loader = DataLoader(ImageFiles(paths, size, model.config["in_channels"]), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda")
@@ -236,6 +231,7 @@ def run(args: argparse.Namespace) -> None:
     names = ("_mask.png", "_overlay.jpg")[:1 + args.overlay]
     done = {p for p in paths if not args.overwrite and all((args.output / (p.stem + n)).is_file() for n in names)}
     skipped = f"; {len(done)} already done, skipped (--overwrite predicts them again)" if done else ""
+    device = next(model.parameters()).device  # an ONNX model runs on the CPU whatever --device says
     print(f"{len(paths)} image(s) -> {args.output}: model input {size[0]}x{size[1]}{kind} on {device}"
           f"{', TTA' if args.tta else ''}{skipped}")
     predictions = predict_paths(model, [p for p in paths if p not in done], size, batch_size=args.batch_size,

@@ -331,10 +331,8 @@ class Setup:
     def create(args: argparse.Namespace, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> Setup:
         """This process's set-up for the run's --device, --amp, --channels-last and --classes."""
         device = utils.select_device(args.device, local_rank)
-        channels_last = utils.default_channels_last(device) if args.channels_last is None else args.channels_last
         return Setup(rank, world_size, local_rank, device, utils.autocast_dtype(device, args.amp),
-                     torch.channels_last if channels_last else torch.contiguous_format,
-                     make_task(args.classes, args.ignore_index))
+                     utils.memory_format(device, args.channels_last), make_task(args.classes, args.ignore_index))
 
 
 def default_workers(device_name: str) -> int:

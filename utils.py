@@ -189,9 +189,12 @@ def cpu_has_bf16_units() -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
-def default_channels_last(device: torch.device) -> bool:
-    """channels_last on GPUs and CPUs with bf16 units; NCHW on other CPUs, where a training step ran slower in it."""
-    return device.type != "cpu" or cpu_has_bf16_units()
+def memory_format(device: torch.device, channels_last: bool | None = None) -> torch.memory_format:
+    """channels_last when asked (True), else NCHW (False); by default channels_last on GPUs and CPUs with bf16
+    units, NCHW on other CPUs, where a training step ran slower in channels_last."""
+    if channels_last is None:
+        channels_last = device.type != "cpu" or cpu_has_bf16_units()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def device_name(device: torch.device) -> str:

@@ -43,8 +43,7 @@ def measure_steps(opts: argparse.Namespace, variant: str) -> dict[str, Any]:
     args = variant_args(opts, variant)
     device = utils.select_device(opts.device)
     amp_dtype = utils.autocast_dtype(device, args.amp)
-    channels_last = utils.default_channels_last(device) if args.channels_last is None else args.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as train.Setup picks it
+    memory_format = utils.memory_format(device, args.channels_last)  # as train.Setup picks it
     torch.manual_seed(0)
     images = torch.rand(args.batch_size, 3, args.height, args.width, device=device).contiguous(memory_format=memory_format)
     masks = (torch.rand(args.batch_size, 1, args.height, args.width, device=device) > 0.5).float()
