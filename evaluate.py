@@ -128,10 +128,10 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
             metrics[("training", flip)].update(task.labels(probs.cpu()), task.truth(masks))
             for prob, original, index in zip(probs, originals, indices):
                 upsampled = upsample_to(prob[None], tuple(original.shape))
-                full, truth = task.labels(upsampled).cpu(), task.truth(original[None])
-                metrics[("original", flip)].update(full, truth)
+                full, truth = task.labels(upsampled), task.truth(original[None])
+                metrics[("original", flip)].update(full.cpu(), truth)
                 if per_image is not None and not flip:
-                    per_image.add(data.pairs[index][0], upsampled, truth[0])
+                    per_image.add(data.pairs[index][0], upsampled, full[0], truth[0])
     for m in metrics.values():
         utils.all_reduce_sum(m.sums)
     if per_image is not None:

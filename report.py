@@ -39,10 +39,10 @@ class PerImage:
             raise utils.UserError(f"{run_dir}: cannot write the report there ({e.strerror or e}); evaluate a copy of "
                                   f"the checkpoint in a folder you can write to") from None
 
-    def add(self, image: Path, probs: torch.Tensor, truth: torch.Tensor) -> None:
-        """One image: its probabilities (1, C, H, W) on the device and its truth (H, W), at its original size."""
-        ignore = self.task.ignore_index
-        pred, truth = self.task.labels(probs)[0], truth.to(probs.device)
+    def add(self, image: Path, probs: torch.Tensor, pred: torch.Tensor, truth: torch.Tensor) -> None:
+        """One image at its original size: its probabilities (1, C, H, W) and decided mask (H, W) on the device, and
+        its truth (H, W)."""
+        ignore, truth = self.task.ignore_index, truth.to(probs.device)
         m, codes = utils.image_scores(pred, truth, self.task.classes, ignore), utils.error_codes(pred, truth, ignore)
         (height, width), thumb_width = pred.shape, min(THUMBNAIL_WIDTH, pred.shape[1])
         self.rows.append({"image": image.name, "resolution": f"{height}x{width}", "dice": m["dice"], "iou": m["iou"],
