@@ -310,20 +310,36 @@ def single_threaded_opencv() -> None:
     cv2.setNumThreads(1)
 
 
-def train_transforms(height: int, width: int, channels: int = 3, mask_fill: int = 0):
-    """Resize, horizontal flip, small shift/scale/rotate, colour (or brightness) jitter; mask_fill labels the
-    border an affine move brings in (background for binary masks, the ignore index for class masks)."""
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation's ranges (train.py's --shift, --zoom, --rotate, --grey, --crop)."""
+
+    shift: float = 0.05                      # largest move, a fraction of the size, each way
+    zoom: tuple[float, float] = (0.9, 1.1)   # scale range
+    rotate: float = 5.0                      # largest turn in degrees, each way
+    grey: float = 0.0                        # probability of a grey photo
+    crop: tuple[int, int] | None = None      # (height, width) of the random crop, None: the whole image
+
+
+def train_transforms(height: int, width: int, channels: int = 3, mask_fill: int = 0,
+                     augmentation: Augmentation = Augmentation()):
+    """Resize, horizontal flip, shift/scale/rotate, a random crop, colour (or brightness) jitter; mask_fill labels
+    the border an affine move brings in (background for binary masks, the ignore index for class masks)."""
     import albumentations as A
+    aug = augmentation
     # ColorJitter needs 3 channels; on grey images brightness and contrast are what varies.
     jitter = (A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5) if channels == 3
               else A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5))
-    return A.Compose([
-        A.Resize(height, width),
-        A.HorizontalFlip(p=0.5),
-        A.Affine(translate_percent=(-0.05, 0.05), scale=(0.9, 1.1), rotate=(-5, 5),
-                 border_mode=0, fill=0, fill_mask=mask_fill, p=0.5),
-        jitter,
-    ])
+    steps = [A.Resize(height, width), A.HorizontalFlip(p=0.5)]
+    if aug.shift or aug.zoom != (1.0, 1.0) or aug.rotate:
+        steps.append(A.Affine(translate_percent=(-aug.shift, aug.shift), scale=aug.zoom, rotate=(-aug.rotate, aug.rotate),
+                              border_mode=0, fill=0, fill_mask=mask_fill, p=0.5))
+    if aug.crop is not None:  # after the affine move, so a crop's edges are photo, not fill
+        steps.append(A.RandomCrop(*aug.crop))
+    steps.append(jitter)
+    if aug.grey and channels == 3:
+        steps.append(A.ToGray(num_output_channels=3, p=aug.grey))
+    return A.Compose(steps)
 
 
 def val_transforms(height: int, width: int):

@@ -24,6 +24,7 @@ import dataset as ds
 import utils
 from predict import predict_probabilities, upsample_to
 from report import PerImage, write_report
+from task import keep_largest_region
 from train import Setup, checked_pairs, default_workers
 
 
@@ -107,8 +108,9 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
                                            config: argparse.Namespace, setup: Setup,
                                            tta: bool = False, per_image: PerImage | None = None
                                            ) -> dict[tuple[str, bool], dict[str, Any]]:
-    """Metrics keyed by (resolution, tta), resolution "training" or "original", reduced over processes; per_image
-    collects each image's scores without TTA at the original size."""
+    """Metrics keyed by (resolution, tta), resolution "training", "original" or, for a binary model, "one region"
+    (original, only the largest region kept, its holes filled), reduced over processes; per_image collects each
+    image's scores without TTA at the original size."""
     net.eval()
     task = setup.task
     data = WithOriginalMasks(pairs, config.height, config.width, ds.val_transforms(config.height, config.width),
@@ -119,7 +121,8 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
     loader = DataLoader(data, batch_size=config.batch_size, num_workers=config.workers, sampler=sampler,
                         collate_fn=WithOriginalMasks.collate)
     modes = (False, True) if tta else (False,)
-    metrics = {(res, flip): task.metrics(setup.device) for res in ("training", "original") for flip in modes}
+    resolutions = ("training", "original") + (("one region",) if task.classes == 1 else ())
+    metrics = {(res, flip): task.metrics(setup.device) for res in resolutions for flip in modes}
     for images, masks, originals, indices in tqdm(loader, desc="evaluate", leave=False, disable=not setup.is_main):
         images = images.to(setup.device, memory_format=setup.memory_format)
         for flip in modes:
@@ -130,6 +133,9 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
                 upsampled = upsample_to(prob[None], tuple(original.shape))
                 full, truth = task.labels(upsampled), task.truth(original[None])
                 metrics[("original", flip)].update(full.cpu(), truth)
+                if task.classes == 1:
+                    one_car = torch.from_numpy(keep_largest_region(full[0].cpu().numpy()))
+                    metrics[("one region", flip)].update(one_car[None], truth)
                 if per_image is not None and not flip:
                     per_image.add(data.pairs[index][0], upsampled, full[0], truth[0])
     for m in metrics.values():
@@ -152,7 +158,8 @@ def print_table(results: dict[tuple[str, bool], dict[str, Any]], config: argpars
                 setup: Setup) -> None:
     """One row per (resolution, TTA), the task's columns, then what they mean."""
     task = setup.task
-    labels = {"training": f"{config.height}x{config.width} (training)", "original": original}
+    labels = {"training": f"{config.height}x{config.width} (training)", "original": original,
+              "one region": f"{original.split()[0]}, one region"}
     print(f"{'resolution':<22}{'TTA':<5}" + "".join(f"{title:>{width}}" for title, _, width in task.table))
     for (resolution, tta), m in results.items():
         print(f"{labels[resolution]:<22}{'yes' if tta else 'no':<5}"

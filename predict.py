@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import utils
 from dataset import GENERIC, is_hidden, load_image, load_mask, upright
-from task import Task, make_task
+from task import Task, keep_largest_region, make_task
 from utils import UserError
 
 IMAGE_EXTENSIONS = GENERIC.image_extensions
@@ -155,10 +155,10 @@ class ImageFiles(Dataset):
 
 
 def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int], *, batch_size: int = 8,
-                  workers: int = 0, threshold: float = 0.5, tta: bool = False,
-                  amp: str = "auto") -> Iterator[tuple[Path, np.ndarray | None, str]]:
+                  workers: int = 0, threshold: float = 0.5, tta: bool = False, amp: str = "auto",
+                  postprocess: bool = False) -> Iterator[tuple[Path, np.ndarray | None, str]]:
     """(path, mask at the image's own size: boolean, or uint8 class indices; "") for each path, in order, or
-    (path, None, why) for an image that cannot be read."""
+    (path, None, why) for an image that cannot be read; postprocess keeps a binary mask's largest region."""
     device = next(model.parameters()).device
     dtype, layout = utils.autocast_dtype(device, amp), utils.memory_format(device)
     task = make_task(model.config["out_channels"])
@@ -173,6 +173,8 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int]
         for prob, (height, width), index, error in zip(probs, sizes.tolist(), indices.tolist(), errors):
             # Upsample the probabilities, not the decided mask, so edges are smooth at full size.
             mask = None if error else task.labels(upsample_to(prob[None], (height, width)), threshold)[0].cpu().numpy()
+            if mask is not None and postprocess:
+                mask = keep_largest_region(mask)
             yield paths[index], mask, error
 
 
@@ -195,6 +197,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="mixed precision, as train.py's (default: auto; off: fp32, as an ONNX export runs)")
     parser.add_argument("--tta", action="store_true",
                         help="average the probabilities of each image and its horizontal mirror (2x the compute)")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="binary models: keep only each mask's largest region and fill its holes (one car a "
+                             "photo; evaluate.py's 'one region' rows measure it)")
     parser.add_argument("--submission", type=Path, metavar="FILE",
                         help="also write a Kaggle submission (img,rle_mask) here, gzip'ed for .gz (binary models)")
     parser.add_argument("--overwrite", action="store_true",
@@ -222,6 +227,9 @@ def run(args: argparse.Namespace) -> None:
     if classes > 1 and args.submission is not None:
         raise UserError(f"{args.checkpoint}: --submission writes Kaggle's binary run-length encoding, but this "
                          f"model segments {classes} classes; leave out --submission (the class masks are PNGs)")
+    if classes > 1 and args.postprocess:
+        raise UserError(f"{args.checkpoint}: --postprocess keeps one region of a binary mask, but this model segments "
+                        f"{classes} classes; leave out --postprocess")
     try:
         args.output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -233,9 +241,10 @@ def run(args: argparse.Namespace) -> None:
     skipped = f"; {len(done)} already done, skipped (--overwrite predicts them again)" if done else ""
     device = next(model.parameters()).device  # an ONNX model runs on the CPU whatever --device says
     print(f"{len(paths)} image(s) -> {args.output}: model input {size[0]}x{size[1]}{kind} on {device}"
-          f"{', TTA' if args.tta else ''}{skipped}")
+          f"{', TTA' if args.tta else ''}{', one region a mask' if args.postprocess else ''}{skipped}")
     predictions = predict_paths(model, [p for p in paths if p not in done], size, batch_size=args.batch_size,
-                                workers=args.workers, threshold=args.threshold, tta=args.tta, amp=args.amp)
+                                workers=args.workers, threshold=args.threshold, tta=args.tta, amp=args.amp,
+                                postprocess=args.postprocess)
     failures = []
     with open_submission(args.submission) as submission:
         for path in tqdm(paths, unit="img", desc="predict"):

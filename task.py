@@ -9,22 +9,40 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from utils import BinaryMetrics, MulticlassMetrics
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, per_image: bool = False,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
     """BCE-with-logits plus soft Dice over the batch, in fp32 for stability under autocast; per_image=True gives
-    one loss per image, shape (N,), whose sum does not depend on the batching."""
+    one loss per image, shape (N,), whose sum does not depend on the batching; weight (like target) weighs pixels."""
     logits = logits.float()
     dims = tuple(range(1 if per_image else 0, logits.ndim))
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none").mean(dims)
     prob = torch.sigmoid(logits)
-    inter = (prob * target).sum(dims)
-    soft_dice = (2 * inter + 1) / (prob.sum(dims) + target.sum(dims) + 1)
+    w = 1.0 if weight is None else weight
+    inter = (w * prob * target).sum(dims)
+    soft_dice = (2 * inter + 1) / ((w * prob).sum(dims) + (w * target).sum(dims) + 1)
     return bce + (1 - soft_dice)
+
+
+def edge_weights(target: torch.Tensor, kernel: int, weight: float) -> torch.Tensor:
+    """Pixel weights (N, 1, H, W): `weight` on the band around the mask's edge (where its kernel-wide box average is
+    neither car nor background), 1 elsewhere, scaled to a mean of 1 so the loss keeps its size."""
+    pad = kernel // 2  # a box filter is separable: a column average, then a row average; borders average what is there
+    local = F.avg_pool2d(target.float(), (kernel, 1), stride=1, padding=(pad, 0), count_include_pad=False)
+    local = F.avg_pool2d(local, (1, kernel), stride=1, padding=(0, pad), count_include_pad=False)
+    w = 1 + (weight - 1) * ((local > 0.01) & (local < 0.99)).float()
+    return w / w.mean()
+
+
+def edge_kernel(height: int) -> int:
+    """The edge band's box size at a training height: 41 pixels at 1024 (the first-place Carvana solution's), odd."""
+    return max(3, 2 * round(20 * height / 1024) + 1)
 
 
 def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -41,6 +59,20 @@ def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int =
     return ce + (1 - soft_dice.mean())
 
 
+def keep_largest_region(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask's largest 8-connected region with its holes filled: one car, so stray blobs (on the floor
+    below it) go, and so do holes in it."""
+    import cv2  # albumentations' OpenCV
+    count, regions, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return mask.astype(bool)
+    car = regions == 1 + stats[1:, cv2.CC_STAT_AREA].argmax()
+    # Background regions (4-connected, the complement of 8-connectivity) that touch no border are holes.
+    count, regions = cv2.connectedComponents((~car).astype(np.uint8), connectivity=4)
+    outside = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
+    return car | ~np.isin(regions, outside)
+
+
 class BinaryTask:
     """One logit per pixel (car or not): BCE + soft Dice on coverage targets, a car where its probability is high."""
 
@@ -50,11 +82,16 @@ class BinaryTask:
     # evaluate.py's table: (title, metrics key, column width), then what the columns mean.
     table = (("mean Dice", "mean_dice", 10), ("Dice", "dice", 9), ("mean IoU", "mean_iou", 10),
              ("IoU", "iou", 9), ("accuracy", "acc", 10))
-    table_note = "mean Dice = mean of per-image Dice (Kaggle's metric); Dice = over all pixels of the set"
+    table_note = ("mean Dice = mean of per-image Dice (Kaggle's metric); Dice = over all pixels of the set; one region ="
+                  " predict.py --postprocess: only the largest region, its holes filled")
+
+    def __init__(self, edge_weight: float = 1.0, edge_kernel: int = 11):
+        self.edge_weight, self.edge_kernel = edge_weight, edge_kernel
 
     def loss(self, logits: torch.Tensor, masks: torch.Tensor, per_image: bool = False) -> torch.Tensor:
-        """The batch's loss, or with per_image one loss per image (N,)."""
-        return bce_dice_loss(logits, masks, per_image=per_image)
+        """The batch's loss, or with per_image one loss per image (N,); --edge-weight weighs the car's outline."""
+        weight = edge_weights(masks, self.edge_kernel, self.edge_weight) if self.edge_weight != 1 else None
+        return bce_dice_loss(logits, masks, per_image=per_image, weight=weight)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Float32 car probabilities (N, 1, H, W)."""
@@ -121,6 +158,7 @@ class MulticlassTask:
 Task = BinaryTask | MulticlassTask
 
 
-def make_task(classes: int, ignore_index: int = 255) -> Task:
-    """The task of a model with `classes` outputs: binary for 1, multi-class otherwise."""
-    return BinaryTask() if classes == 1 else MulticlassTask(classes, ignore_index)
+def make_task(classes: int, ignore_index: int = 255, edge_weight: float = 1.0, height: int = 256) -> Task:
+    """The task of a model with `classes` outputs: binary for 1 (its loss weighing the outline by edge_weight at
+    this training height), multi-class otherwise."""
+    return BinaryTask(edge_weight, edge_kernel(height)) if classes == 1 else MulticlassTask(classes, ignore_index)

@@ -55,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --classes N: the mask value of unlabelled pixels (default: %(default)s)")
     data.add_argument("--height", type=int, default=160, help="training height in pixels (default: %(default)s)")
     data.add_argument("--width", type=int, default=240, help="training width in pixels (default: %(default)s)")
+    data.add_argument("--crop", type=parse_size, metavar="HxW",
+                      help="train on random HxW crops of the images resized to --height x --width (e.g. --height 1280 "
+                           "--width 1918 --crop 512x512: full resolution on a small GPU); validation and prediction "
+                           "take the whole image (default: the whole image)")
+    data.add_argument("--shift", type=float, default=0.05, metavar="FRACTION",
+                      help="augmentation: largest shift, a fraction of the size, each way (default: %(default)s)")
+    data.add_argument("--zoom", type=float, nargs=2, default=[0.9, 1.1], metavar=("LOW", "HIGH"),
+                      help="augmentation: scale range (default: %(default)s)")
+    data.add_argument("--rotate", type=float, default=5.0, metavar="DEGREES",
+                      help="augmentation: largest rotation each way (default: %(default)s); the shift, zoom and "
+                           "rotation apply together to half the images; --shift 0 --zoom 1 1 --rotate 0 turns them off")
+    data.add_argument("--grey", type=float, default=0.0, metavar="P",
+                      help="augmentation: probability of turning a photo grey (default: %(default)s)")
     data.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                       help="keep the decoded images in shared memory, so only the first epoch decodes (default: on)")
     data.add_argument("--soft-masks", action=argparse.BooleanOptionalAction, default=True,
@@ -69,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="3 (default) loads images as RGB, 1 as 8-bit grey (medical, microscopy)")
 
     opt = p.add_argument_group("optimisation")
+    opt.add_argument("--edge-weight", type=float, default=1.0,
+                     help="binary masks: weight of the pixels near the outline in the loss, 1: none (default: "
+                          "%(default)s; the first-place Carvana solution used 3 on a 41-pixel band at 1024)")
     opt.add_argument("--epochs", type=int, default=10, help="number of epochs (default: %(default)s)")
     opt.add_argument("--batch-size", type=int, default=8, help="images per step and process (default: %(default)s)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak one-cycle learning rate (default: %(default)s)")
@@ -90,9 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     run.add_argument("--num-predictions", type=int, default=4,
                      help="validation images saved whenever validation Dice improves (default: %(default)s)")
+    run.add_argument("--init", metavar="CHECKPOINT",
+                     help="start from another run's weights and split (e.g. one at a smaller size: progressive "
+                          "resizing), with a new optimiser and schedule; its validation cars stay held out")
     run.add_argument("--resume", metavar="PATH",
                      help="checkpoint (or run folder: its last.pt) to continue, with its settings unless given here")
     return p
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256x384' -> (256, 384): a height and a width in pixels."""
+    try:
+        height, width = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 256x384") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be positive")
+    return height, width
 
 
 # Settings that belong to the machine or to this invocation, never taken from a checkpoint.
@@ -112,6 +142,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
         parser.error(f"--classes must be 1 (binary) or 2..256 (class indices fit in 8 bits), got {args.classes}")
     if not 0 <= args.fp32_warmup <= 1:
         parser.error(f"--fp32-warmup is a fraction of the run's steps, from 0 to 1, got {args.fp32_warmup}")
+    if args.crop and (args.crop[0] > args.height or args.crop[1] > args.width):
+        parser.error(f"--crop {args.crop[0]}x{args.crop[1]} is larger than the training size {args.height}x{args.width}")
+    if args.edge_weight <= 0 or (args.edge_weight != 1 and args.classes > 1):
+        parser.error(f"--edge-weight is a positive weight for binary masks (--classes 1), got {args.edge_weight}")
     if not 0 <= args.ignore_index <= 255:
         parser.error(f"--ignore-index must be 0..255 (an 8-bit mask value), got {args.ignore_index}")
     args.data_dir = args.data_dir or ("data/synthetic" if args.synthetic else "data/carvana")
@@ -144,8 +178,10 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
     if dist.is_initialized():
         dist.broadcast_object_list(out_dir)  # rank 0's: the ranks' default names may differ by a second
     out_dir = Path(out_dir[0])
-    train_pairs, val_pairs, split = load_split(args, state, setup)
-    net, model = build_model(args, state, setup)
+    # --init: another run's weights and split (progressive resizing), with this run's optimiser and schedule.
+    start = state if state is not None or not args.init else utils.load_checkpoint(args.init)
+    train_pairs, val_pairs, split = load_split(args, start, setup)
+    net, model = build_model(args, start, setup)
     train_loader = make_loader(train_pairs, args, setup, train=True)
     val_loader = make_loader(val_pairs, args, setup, train=False)
     opt = Optimization.create(net, args, setup.device, steps_per_epoch=len(train_loader))
@@ -332,7 +368,7 @@ class Setup:
         """This process's set-up for the run's --device, --amp, --channels-last and --classes."""
         device = utils.select_device(args.device, local_rank)
         return Setup(rank, world_size, local_rank, device, utils.autocast_dtype(device, args.amp),
-                     utils.memory_format(device, args.channels_last), make_task(args.classes, args.ignore_index))
+                     utils.memory_format(device, args.channels_last), make_task(args.classes, args.ignore_index, getattr(args, "edge_weight", 1.0), args.height))
 
 
 def default_workers(device_name: str) -> int:
@@ -347,7 +383,7 @@ def default_workers(device_name: str) -> int:
 def load_split(args: argparse.Namespace, state: dict[str, Any] | None,
                setup: Setup) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]], dict[str, list[str]]]:
     """(training pairs, validation pairs, split) of the checked data: --val-dir, else a seeded split by car (or
-    image) of --data-dir, which a resumed run keeps; generates the synthetic dataset first when asked."""
+    image) of --data-dir, which a resumed or --init run keeps; generates the synthetic dataset first when asked."""
     data_dir = Path(args.data_dir)
     if args.synthetic:
         if setup.is_main:
@@ -371,7 +407,8 @@ def load_split(args: argparse.Namespace, state: dict[str, Any] | None,
         split = {"train": train_groups, "val": val_groups}
     train_pairs, val_pairs = ds.pairs_of_groups(pairs, split["train"]), ds.pairs_of_groups(pairs, split["val"])
     if not val_pairs:
-        raise utils.UserError(f"none of the validation cars or images of {args.resume} are in {args.data_dir}")
+        raise utils.UserError(f"none of the validation cars or images of {args.resume or args.init} are in "
+                              f"{args.data_dir}")
     return train_pairs, val_pairs, split
 
 
@@ -385,8 +422,11 @@ def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, se
                 train: bool) -> DataLoader:
     """A DataLoader over pairs: augmented and shuffled for training, resize-only and in order for validation."""
     if train:  # class masks mark the border an affine move brings in as unlabelled, not as background
+        augmentation = ds.Augmentation(args.shift, tuple(args.zoom), args.rotate, args.grey,
+                                       tuple(args.crop) if args.crop else None)
         transform = ds.train_transforms(args.height, args.width, args.in_channels,
-                                        mask_fill=args.ignore_index if args.classes > 1 else 0)
+                                        mask_fill=args.ignore_index if args.classes > 1 else 0,
+                                        augmentation=augmentation)
     else:
         transform = ds.val_transforms(args.height, args.width)
     cache = args.cache and cache_fits(len(pairs), args, announce=setup.is_main)
@@ -413,14 +453,17 @@ def cache_fits(images: int, args: argparse.Namespace, announce: bool = True) -> 
 
 def build_model(args: argparse.Namespace, state: dict[str, Any] | None,
                 setup: Setup) -> tuple[UNet, torch.nn.Module]:
-    """(the UNet, the model to train): the UNet from the checkpoint when resuming, wrapped for DDP and compile."""
+    """(the UNet, the model to train): the UNet from the checkpoint when resuming or with --init, wrapped for DDP
+    and compile."""
     if state is None:
         net = UNet(in_channels=args.in_channels, out_channels=args.classes, features=args.features)
     else:
-        net = utils.model_from_checkpoint(state, args.resume)
+        source = args.resume or args.init
+        net = utils.model_from_checkpoint(state, source)
+        args.features = list(net.config["features"])  # the checkpoint's UNet, so config.json says which
         if (net.config["in_channels"], net.config["out_channels"]) != (args.in_channels, args.classes):
             raise utils.UserError(
-                f"{args.resume} holds a model with in_channels={net.config['in_channels']} and out_channels="
+                f"{source} holds a model with in_channels={net.config['in_channels']} and out_channels="
                 f"{net.config['out_channels']}, which --in-channels {args.in_channels} --classes {args.classes} "
                 f"do not fit; leave those flags out to use the checkpoint's")
     net = net.to(setup.device, memory_format=setup.memory_format)
@@ -474,8 +517,10 @@ def describe_run(args: argparse.Namespace, setup: Setup, net: UNet, train_pairs:
     kind = ("" if args.in_channels == 3 else ", grayscale input") + (
         "" if args.classes == 1 else f", {args.classes} classes (ignore index {args.ignore_index})")
     warmup = fp32_warmup_steps(args, opt.scheduler) if setup.amp_dtype else 0
+    size = f"{args.height}x{args.width}" + (f" in {args.crop[0]}x{args.crop[1]} crops" if args.crop else "")
+    edge = f", outline weighted {args.edge_weight:g}x" if args.edge_weight != 1 else ""
     return (f"{ds.describe_pairs(train_pairs)} for training, {ds.describe_pairs(val_pairs)} for validation from "
-            f"{source}; UNet {net.config['features']} ({count_parameters(net) / 1e6:.1f} M parameters){kind} on "
+            f"{source} at {size}{edge}; UNet {net.config['features']} ({count_parameters(net) / 1e6:.1f} M parameters){kind} on "
             f"{utils.device_name(setup.device)}{f' x{setup.world_size}' if setup.world_size > 1 else ''}, amp "
             f"{setup.amp_dtype or 'off'}{f' after {warmup} fp32 steps' if warmup else ''}, "
             f"{'channels_last' if setup.memory_format == torch.channels_last else 'NCHW'}, {args.workers} workers")

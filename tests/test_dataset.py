@@ -147,3 +147,35 @@ def test_load_image_turns_a_photo_upright_as_its_exif_orientation_says(tmp_path,
     resized = np.asarray(shown.resize((40, 24), Image.BILINEAR), np.float64)
     loaded = ds.load_image(path, (24, 40)).astype(np.float64)
     assert loaded.shape == (24, 40, 3) and np.abs(loaded - resized).mean() < 1
+
+
+def test_crop_is_a_window_of_the_resized_pair_with_image_and_mask_aligned():
+    """--crop: a random HxW window of the (flipped) pair; no shift, zoom or turn when those are off."""
+    rows, cols = np.meshgrid(np.arange(32, dtype=np.uint8), np.arange(48, dtype=np.uint8), indexing="ij")
+    image = np.zeros((32, 48, 3), np.uint8)
+    still = ds.Augmentation(shift=0, zoom=(1.0, 1.0), rotate=0, crop=(16, 24))
+    transform = ds.train_transforms(32, 48, augmentation=still)
+    corners = set()
+    for seed in range(20):
+        outs = []
+        for mask in (rows, cols):  # the same seed, the same window: once to read its rows, once its columns
+            transform.set_random_seed(seed)
+            outs.append(transform(image=image, mask=mask))
+        assert outs[0]["image"].shape == (16, 24, 3) and outs[0]["mask"].shape == (16, 24)
+        top, left = int(outs[0]["mask"][0, 0]), int(outs[1]["mask"][0, 0])
+        flipped = outs[1]["mask"][0, 1] < left
+        np.testing.assert_array_equal(outs[0]["mask"], rows[top:top + 16, :24])
+        expected = cols[:16, ::-1][:, 47 - left:47 - left + 24] if flipped else cols[:16, left:left + 24]
+        np.testing.assert_array_equal(outs[1]["mask"], expected)
+        corners.add((top, left))
+    assert len(corners) > 5  # the window moves
+
+
+def test_augmentation_off_leaves_the_geometry_alone():
+    image = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    mask = (image[..., 0] > 128).astype(np.uint8)
+    transform = ds.train_transforms(32, 48, augmentation=ds.Augmentation(shift=0, zoom=(1.0, 1.0), rotate=0))
+    for seed in range(10):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)["mask"]
+        assert np.array_equal(out, mask) or np.array_equal(out, mask[:, ::-1])

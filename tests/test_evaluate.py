@@ -22,7 +22,9 @@ def test_evaluate_prints_metrics_at_both_resolutions(run_dir, synthetic_dir, cap
     out = capsys.readouterr().out
     assert "32x48 (training)" in out and "64x96 (original)" in out and "mean Dice" in out
     assert "16 images (1 car)" in out and "held out from training" in out
-    assert len([line for line in out.splitlines() if line.startswith(("32x48", "64x96"))]) == 4  # with and without TTA
+    rows = [line for line in out.splitlines() if line.startswith(("32x48", "64x96"))]
+    assert len(rows) == 6  # training size, original size and one region, each with and without TTA
+    assert sum(row.startswith("64x96, one region") for row in rows) == 2
     assert "mean Dice at the original size without TTA, by threshold: 0.3: " in out
     assert len((run_dir / "per_image.csv").read_text().splitlines()) == 1 + 16  # the header, then each image
 

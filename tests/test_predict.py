@@ -19,7 +19,7 @@ import utils
 from dataset import load_image
 from model import UNet
 from carvana_files import write_blob_photos
-from task import BinaryTask
+from task import BinaryTask, keep_largest_region
 
 BINARY = BinaryTask()
 
@@ -133,6 +133,16 @@ def test_masks_are_thresholded_after_upsampling(monkeypatch: pytest.MonkeyPatch,
         probs = predict.upsample_to(predict.predict_probabilities(model, x, BINARY, tta=True), (height, width))
         assert mask.dtype == bool and mask.shape == (height, width)
         np.testing.assert_array_equal(mask, probs[0, 0].numpy() > 0.5)
+
+
+def test_postprocess_keeps_each_masks_largest_region(images: Path, checkpoint: Path) -> None:
+    model, size = predict.load_segmentation_model(checkpoint, torch.device("cpu"))
+    paths = predict.find_images([images])
+    plain = [mask for _, mask, _ in predict.predict_paths(model, paths, size, amp="off")]
+    cleaned = [mask for _, mask, _ in predict.predict_paths(model, paths, size, amp="off", postprocess=True)]
+    for before, after in zip(plain, cleaned):
+        np.testing.assert_array_equal(after, keep_largest_region(before))
+    assert any(not np.array_equal(before, after) for before, after in zip(plain, cleaned))  # the test bites
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import dataset as ds
 import train
 import utils
 from stopping import signal_at_loss_call
@@ -97,6 +98,44 @@ def test_bad_data_is_refused_and_skip_bad_trains_on_the_rest(synthetic_dir, tmp_
     assert "training on 63 good pairs, leaving out 1" in err
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["train"]) + len(split["val"]) == 4
+
+
+def test_crop_trains_on_windows_and_validates_on_whole_images(synthetic_dir):
+    args, _ = train.parse_args(["--data-dir", str(synthetic_dir), *TINY, "--crop", "16x24"])
+    setup = train.Setup.create(args)
+    pairs = ds.find_pairs(synthetic_dir)[:8]
+    images, masks = next(iter(train.make_loader(pairs, args, setup, train=True)))
+    assert images.shape == (8, 3, 16, 24) and masks.shape == (8, 1, 16, 24)
+    images, masks = next(iter(train.make_loader(pairs, args, setup, train=False)))
+    assert images.shape == (8, 3, 32, 48) and masks.shape == (8, 1, 32, 48)
+
+
+@pytest.mark.parametrize("flags", [["--crop", "64x24"], ["--crop", "16"], ["--edge-weight", "0"],
+                                   ["--edge-weight", "3", "--classes", "3"]])
+def test_bad_crop_or_edge_weight_is_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args([*TINY, *flags])
+    assert flags[0] in capsys.readouterr().err
+
+
+def test_init_starts_from_the_weights_and_split_of_another_run(two_epoch_run, synthetic_dir, tmp_path, monkeypatch):
+    first_weights = {}
+    real_build = train.build_model
+
+    def build_and_keep(args, state, setup):  # the weights the new run starts from
+        net, model = real_build(args, state, setup)
+        first_weights.update({k: v.clone() for k, v in net.state_dict().items()})
+        return net, model
+    monkeypatch.setattr(train, "build_model", build_and_keep)
+    out = tmp_path / "bigger"
+    assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "1", *TINY,
+                       "--height", "64", "--width", "96", "--features", "8", "16", "32",
+                       "--init", str(two_epoch_run / "best.pt"), "--val-cars", "2", "--seed", "5"]) == 0
+    init = utils.load_checkpoint(two_epoch_run / "best.pt")
+    assert all(torch.equal(first_weights[k], v) for k, v in init["model"].items())
+    assert json.loads((out / "split.json").read_text()) == init["split"]  # its held-out cars stay held out
+    config = json.loads((out / "config.json").read_text())
+    assert config["features"] == [4, 8] and config["height"] == 64  # the checkpoint's UNet, this run's size
 
 
 def test_cache_is_skipped_when_it_would_not_fit_in_memory(capsys):
