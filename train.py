@@ -247,7 +247,9 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
     # last.pt when the checkpoint had finished): then the newest checkpoint scores.
     best = next((path for path in (out_dir / "best.pt", out_dir / "last.pt") if path.is_file()), Path(str(args.resume)))
     if setup.is_main:
-        print(f"done: best validation {setup.task.best_name} {best_dice:.4f} at {args.height}x{args.width}; "
+        peak = (f"; peak GPU memory {torch.cuda.max_memory_allocated(setup.device) / 2**30:.1f} GiB"
+                if setup.device.type == "cuda" else "")  # what a smaller GPU needs (--crop cuts it)
+        print(f"done: best validation {setup.task.best_name} {best_dice:.4f} at {args.height}x{args.width}{peak}; "
               f"run folder {out_dir}. Scoring {best.name} at the original size:")
     from evaluate import score  # here, since evaluate.py imports train.py
     score(utils.model_from_checkpoint(utils.load_checkpoint(best), best), val_pairs, args, setup, out_dir,
@@ -519,8 +521,9 @@ def describe_run(args: argparse.Namespace, setup: Setup, net: UNet, train_pairs:
     warmup = fp32_warmup_steps(args, opt.scheduler) if setup.amp_dtype else 0
     size = f"{args.height}x{args.width}" + (f" in {args.crop[0]}x{args.crop[1]} crops" if args.crop else "")
     edge = f", outline weighted {args.edge_weight:g}x" if args.edge_weight != 1 else ""
+    start = f" from {args.init}" if args.init and not args.resume else ""
     return (f"{ds.describe_pairs(train_pairs)} for training, {ds.describe_pairs(val_pairs)} for validation from "
-            f"{source} at {size}{edge}; UNet {net.config['features']} ({count_parameters(net) / 1e6:.1f} M parameters){kind} on "
+            f"{source} at {size}{edge}; UNet {net.config['features']} ({count_parameters(net) / 1e6:.1f} M parameters){start}{kind} on "
             f"{utils.device_name(setup.device)}{f' x{setup.world_size}' if setup.world_size > 1 else ''}, amp "
             f"{setup.amp_dtype or 'off'}{f' after {warmup} fp32 steps' if warmup else ''}, "
             f"{'channels_last' if setup.memory_format == torch.channels_last else 'NCHW'}, {args.workers} workers")

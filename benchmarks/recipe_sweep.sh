@@ -17,9 +17,9 @@ one() {
   name=$1; shift
   python3 train.py --data-dir "$DATA" --val-cars 4 --workers 1 --device "$DEVICE" --num-predictions 0 \
     --out-dir "$R/$name" "$@" > "$R/$name.train.log" 2>&1
-  python3 train.py --resume "$R/$name/best.pt" --evaluate --tta --data-dir "$DATA" --workers 1 --device "$DEVICE" \
+  python3 evaluate.py --checkpoint "$R/$name/best.pt" --tta --data-dir "$DATA" --workers 1 --device "$DEVICE" \
     > "$R/$name.eval.log" 2>&1
-  echo "== $name: $*"; tail -6 "$R/$name.eval.log"
+  echo "== $name: $*"; tail -12 "$R/$name.eval.log"
 }
 F4="--features 16 32 64 128"
 one A  $F4 --height 160 --width 240 --epochs 60 --batch-size 8 --lr 3e-3 > "$R/A.sum" &

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The full-resolution GPU recipe on the 32 shared Carvana cars (28 train, 4 held out by id), timed, then
+# scored at 1918x1280 with and without flip TTA and one-region post-processing. One command for a lent H200:
+#
+#   here, once:  mkdir -p data/shared-carvana && cp -r ../shared/carvana/train ../shared/carvana/train_masks \
+#                    data/shared-carvana/        # 54 MB, inside data/ which git ignores
+#                ../shared/device/wheels.sh      # albumentations' wheels into .whl/
+#   there:       bash benchmarks/gpu_recipe.sh data/shared-carvana    (carry .whl and data/shared-carvana)
+#
+# Knobs (environment): EPOCHS (60), BATCH (4), CROP (none; e.g. 640x960 for a GPU of 8-16 GB), OUT (./gpu-recipe),
+# and for a CPU smoke run of the script: SIZE (1280x1918), FEATURES ("32 64 128 256 512 1024"), DEVICE (auto).
+# Results in $OUT: train.log, evaluate.log, metrics.csv, per_image.csv, recipe.md (time, memory, Dice, and the
+# time of one epoch of the full Kaggle training set estimated from the measured images per second).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:?usage: gpu_recipe.sh DATA_DIR}
+OUT=${OUT:-./gpu-recipe}
+mkdir -p "$OUT"
+if ! python3 -c "import albumentations" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
+RUN=/tmp/gpu-recipe-run
+rm -rf "$RUN"
+# The recipe: full resolution, 6 levels so the deepest sees the whole car (the first-place U-Net's depth),
+# the outline weighted 3x, batch 4.
+SIZE=${SIZE:-1280x1918}
+read -r -a FEATURES <<< "${FEATURES:-32 64 128 256 512 1024}"
+RECIPE=(--height "${SIZE%x*}" --width "${SIZE#*x}" --features "${FEATURES[@]}" --batch-size "${BATCH:-4}"
+        --epochs "${EPOCHS:-60}" --lr 1e-3 --edge-weight 3 --val-cars 4 ${CROP:+--crop "$CROP"})
+echo "python train.py --data-dir $DATA ${RECIPE[*]}" > "$OUT/recipe.md"
+start=$(date +%s)
+python3 train.py --data-dir "$DATA" "${RECIPE[@]}" --num-predictions 0 --device "${DEVICE:-auto}" --out-dir "$RUN" 2>&1 \
+  | tr '\r' '\n' | grep -v 'it/s' | tee "$OUT/train.log"
+wall=$(( $(date +%s) - start ))
+python3 evaluate.py --checkpoint "$RUN/best.pt" --data-dir "$DATA" --tta --device "${DEVICE:-auto}" 2>&1 | tr '\r' '\n' | grep -v 'it/s' \
+  | tee "$OUT/evaluate.log"
+cp "$RUN/metrics.csv" "$RUN/per_image.csv" "$OUT/"
+python3 - "$RUN/metrics.csv" "$wall" "$OUT/train.log" >> "$OUT/recipe.md" <<'PY'
+import csv, re, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+images = int(re.search(r"(\d+) images? \(.*?\) for training", open(sys.argv[3]).read()).group(1))
+seconds = [float(r["seconds"]) for r in rows]
+later = seconds[1:] or seconds  # the first epoch also decodes every photo
+steady = sorted(later)[len(later) // 2]
+print(f"epochs {len(rows)}, training {sum(seconds) / 60:.1f} min (wall clock with start-up and the final "
+      f"scoring {int(sys.argv[2]) / 60:.1f} min), median epoch {steady:.1f} s = {images / steady:.1f} img/s "
+      f"({images} training images, validation included)")
+print(f"full Kaggle training set (5088 images): about {5088 / (images / steady) / 60:.1f} min an epoch")
+PY
+cat "$OUT/recipe.md"
