@@ -178,8 +178,9 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
     if dist.is_initialized():
         dist.broadcast_object_list(out_dir)  # rank 0's: the ranks' default names may differ by a second
     out_dir = Path(out_dir[0])
-    # --init: another run's weights and split (progressive resizing), with this run's optimiser and schedule.
-    start = state if state is not None or not args.init else utils.load_checkpoint(args.init)
+    start = state
+    if start is None and args.init:  # another run's weights and split (progressive resizing), a new optimiser
+        start = utils.load_checkpoint(args.init)
     train_pairs, val_pairs, split = load_split(args, start, setup)
     net, model = build_model(args, start, setup)
     train_loader = make_loader(train_pairs, args, setup, train=True)
