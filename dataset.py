@@ -332,8 +332,8 @@ def train_transforms(height: int, width: int, channels: int = 3, mask_fill: int 
               else A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5))
     steps = [A.Resize(height, width), A.HorizontalFlip(p=0.5)]
     if aug.shift or aug.zoom != (1.0, 1.0) or aug.rotate:
-        steps.append(A.Affine(translate_percent=(-aug.shift, aug.shift), scale=aug.zoom, rotate=(-aug.rotate, aug.rotate),
-                              border_mode=0, fill=0, fill_mask=mask_fill, p=0.5))
+        steps.append(A.Affine(translate_percent=(-aug.shift, aug.shift), scale=aug.zoom,
+                              rotate=(-aug.rotate, aug.rotate), border_mode=0, fill=0, fill_mask=mask_fill, p=0.5))
     if aug.crop is not None:  # after the affine move, so a crop's edges are photo, not fill
         steps.append(A.RandomCrop(*aug.crop))
     steps.append(jitter)

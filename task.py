@@ -82,8 +82,8 @@ class BinaryTask:
     # evaluate.py's table: (title, metrics key, column width), then what the columns mean.
     table = (("mean Dice", "mean_dice", 10), ("Dice", "dice", 9), ("mean IoU", "mean_iou", 10),
              ("IoU", "iou", 9), ("accuracy", "acc", 10))
-    table_note = ("mean Dice = mean of per-image Dice (Kaggle's metric); Dice = over all pixels of the set; one region ="
-                  " predict.py --postprocess: only the largest region, its holes filled")
+    table_note = ("mean Dice = mean of per-image Dice (Kaggle's metric); Dice = over all pixels of the set; "
+                  "one region = predict.py --postprocess: only the largest region, its holes filled")
 
     def __init__(self, edge_weight: float = 1.0, edge_kernel: int = 11):
         self.edge_weight, self.edge_kernel = edge_weight, edge_kernel

@@ -143,7 +143,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
     if not 0 <= args.fp32_warmup <= 1:
         parser.error(f"--fp32-warmup is a fraction of the run's steps, from 0 to 1, got {args.fp32_warmup}")
     if args.crop and (args.crop[0] > args.height or args.crop[1] > args.width):
-        parser.error(f"--crop {args.crop[0]}x{args.crop[1]} is larger than the training size {args.height}x{args.width}")
+        parser.error(f"--crop {args.crop[0]}x{args.crop[1]} is larger than the training size "
+                     f"{args.height}x{args.width}")
     if args.edge_weight <= 0 or (args.edge_weight != 1 and args.classes > 1):
         parser.error(f"--edge-weight is a positive weight for binary masks (--classes 1), got {args.edge_weight}")
     if not 0 <= args.ignore_index <= 255:
@@ -368,10 +369,12 @@ class Setup:
 
     @staticmethod
     def create(args: argparse.Namespace, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> Setup:
-        """This process's set-up for the run's --device, --amp, --channels-last and --classes."""
+        """This process's set-up for the run's --device, --amp, --channels-last, --classes and --edge-weight."""
         device = utils.select_device(args.device, local_rank)
+        # getattr: checkpoints from before --edge-weight have none in their config
+        task = make_task(args.classes, args.ignore_index, getattr(args, "edge_weight", 1.0), args.height)
         return Setup(rank, world_size, local_rank, device, utils.autocast_dtype(device, args.amp),
-                     utils.memory_format(device, args.channels_last), make_task(args.classes, args.ignore_index, getattr(args, "edge_weight", 1.0), args.height))
+                     utils.memory_format(device, args.channels_last), task)
 
 
 def default_workers(device_name: str) -> int:
@@ -524,7 +527,8 @@ def describe_run(args: argparse.Namespace, setup: Setup, net: UNet, train_pairs:
     edge = f", outline weighted {args.edge_weight:g}x" if args.edge_weight != 1 else ""
     start = f" from {args.init}" if args.init and not args.resume else ""
     return (f"{ds.describe_pairs(train_pairs)} for training, {ds.describe_pairs(val_pairs)} for validation from "
-            f"{source} at {size}{edge}; UNet {net.config['features']} ({count_parameters(net) / 1e6:.1f} M parameters){start}{kind} on "
+            f"{source} at {size}{edge}; UNet {net.config['features']} ({count_parameters(net) / 1e6:.1f} M "
+            f"parameters){start}{kind} on "
             f"{utils.device_name(setup.device)}{f' x{setup.world_size}' if setup.world_size > 1 else ''}, amp "
             f"{setup.amp_dtype or 'off'}{f' after {warmup} fp32 steps' if warmup else ''}, "
             f"{'channels_last' if setup.memory_format == torch.channels_last else 'NCHW'}, {args.workers} workers")

@@ -31,10 +31,12 @@ RECIPE=(--height "${SIZE%x*}" --width "${SIZE#*x}" --features "${FEATURES[@]}" -
         --epochs "${EPOCHS:-60}" --lr 1e-3 --edge-weight 3 --val-cars 4 ${CROP:+--crop "$CROP"})
 echo "python train.py --data-dir $DATA ${RECIPE[*]}" > "$OUT/recipe.md"
 start=$(date +%s)
-python3 train.py --data-dir "$DATA" "${RECIPE[@]}" --num-predictions 0 --device "${DEVICE:-auto}" --out-dir "$RUN" 2>&1 \
+python3 train.py --data-dir "$DATA" "${RECIPE[@]}" --num-predictions 0 --device "${DEVICE:-auto}" \
+  --out-dir "$RUN" 2>&1 \
   | tr '\r' '\n' | grep -v 'it/s' | tee "$OUT/train.log"
 wall=$(( $(date +%s) - start ))
-python3 evaluate.py --checkpoint "$RUN/best.pt" --data-dir "$DATA" --tta --device "${DEVICE:-auto}" 2>&1 | tr '\r' '\n' | grep -v 'it/s' \
+python3 evaluate.py --checkpoint "$RUN/best.pt" --data-dir "$DATA" --tta --device "${DEVICE:-auto}" 2>&1 \
+  | tr '\r' '\n' | grep -v 'it/s' \
   | tee "$OUT/evaluate.log"
 cp "$RUN/metrics.csv" "$RUN/per_image.csv" "$OUT/"
 python3 - "$RUN/metrics.csv" "$wall" "$OUT/train.log" >> "$OUT/recipe.md" <<'PY'
