@@ -132,9 +132,10 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
             for prob, original, index in zip(probs, originals, indices):
                 upsampled = upsample_to(prob[None], tuple(original.shape))
                 full, truth = task.labels(upsampled), task.truth(original[None])
-                metrics[("original", flip)].update(full.cpu(), truth)
+                decided = full.cpu()  # one copy off the device, for the metrics and the one-region cleaning
+                metrics[("original", flip)].update(decided, truth)
                 if task.classes == 1:
-                    one_car = torch.from_numpy(keep_largest_region(full[0].cpu().numpy()))
+                    one_car = torch.from_numpy(keep_largest_region(decided[0].numpy()))
                     metrics[("one region", flip)].update(one_car[None], truth)
                 if per_image is not None and not flip:
                     per_image.add(data.pairs[index][0], upsampled, full[0], truth[0])
