@@ -17,11 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-results}
 mkdir -p "$OUT"
-if ! python3 -c "import albumentations" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
-  # the GPU image has no albumentations: install the carried wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source benchmarks/gpu_wheels.sh  # albumentations from the carried wheels, where the image lacks it
 SYNTH=${SYNTH:-/tmp/synth}
 CARS=${CARS:-318}
 SIZE=${SIZE:-1918x1280}

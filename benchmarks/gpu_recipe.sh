@@ -16,10 +16,7 @@ cd "$(dirname "$0")/.."
 DATA=${1:?usage: gpu_recipe.sh DATA_DIR}
 OUT=${OUT:-./gpu-recipe}
 mkdir -p "$OUT"
-if ! python3 -c "import albumentations" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source benchmarks/gpu_wheels.sh  # albumentations from the carried wheels, where the image lacks it
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
 RUN=/tmp/gpu-recipe-run
 rm -rf "$RUN"
