@@ -181,7 +181,10 @@ def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | Non
 
 @functools.cache  # /proc/cpuinfo does not change: read it once per process
 def cpu_has_bf16_units() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX (as Linux lists them); elsewhere bf16 is emulated, slower than fp32."""
+    """True on CPUs with AVX512-BF16 or AMX (as Linux lists them) while torch runs its AVX-512 kernels, which
+    ATEN_CPU_CAPABILITY=avx2 turns off; elsewhere bf16 is emulated, slower than fp32."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -177,6 +177,17 @@ def test_channels_last_by_default_only_on_cpus_with_bf16_units(monkeypatch, caps
     assert ("no bf16 units" in train.utils.device_name(train.torch.device("cpu"))) != bf16_units
 
 
+def test_torch_held_to_avx2_counts_as_a_cpu_without_bf16_units(monkeypatch):
+    # ATEN_CPU_CAPABILITY=avx2 (with ONEDNN_MAX_CPU_ISA=AVX2) makes a bf16 CPU run like an AVX2 one: fp32 defaults.
+    monkeypatch.setattr(train.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    train.utils.cpu_has_bf16_units.cache_clear()
+    try:
+        assert not train.utils.cpu_has_bf16_units()
+        assert train.utils.autocast_dtype(train.torch.device("cpu")) is None
+    finally:
+        train.utils.cpu_has_bf16_units.cache_clear()
+
+
 def record_step_precision(monkeypatch) -> list:
     """Patch train.train_step to note the autocast dtype of every training step."""
     seen, original = [], train.train_step
