@@ -80,15 +80,18 @@ def gemm_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" or utils.cpu_has_bf16_units() else torch.float32
 
 
-def gemm_tflops(device: torch.device, n: int | None = None, repeats: int = 5) -> float:
-    """Measured matrix-multiply rate (TFLOP/s) in gemm_dtype: what this device sustains on the easiest dense work.
+def gemm_tflops(device: torch.device, n: int | None = None, repeats: int = 5,
+                dtype: torch.dtype | None = None) -> float:
+    """Measured matrix-multiply rate (TFLOP/s) in dtype (default gemm_dtype): what this device sustains on the
+    easiest dense work.
 
     A yardstick beside the assumed peak: a virtual CPU's clock in /proc/cpuinfo is its nominal one,
     and the cores may boost past it.
     """
     n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=gemm_dtype(device))
-    b = torch.randn(n, n, device=device, dtype=gemm_dtype(device))
+    dtype = dtype or gemm_dtype(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     timed(lambda: a @ b, device)  # warm-up
     seconds = median([timed(lambda: a @ b, device) for _ in range(repeats)])
     return 2 * n**3 / seconds / 1e12

@@ -81,3 +81,16 @@ def test_grad_precision_compares_one_batch_against_itself(tiny_data):
     assert rows["fp32, channels_last (sum order only)"] < 0.01
     assert rows["fp32, another batch (SGD's own noise)"] > 10 * rows["fp32, channels_last (sum order only)"]
     assert 0 < rows["project: channels_last, bfloat16 autocast"] < 1
+
+
+def test_profile_step_splits_the_step_and_rates_the_convolutions(tiny_data, tmp_path):
+    out = run_script("benchmarks/profile_step.py", "--data-dir", str(tiny_data), *TINY, "--steps", "1",
+                     "--amp", "off", "--no-channels-last", "--peak-tflops", "1", "--json", str(tmp_path / "p.json"))
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["amp"] == "float32" and not report["channels_last"]
+    assert set(report["phase_ms"]) == {"forward", "loss", "backward", "clip + AdamW step"}
+    kinds = report["kind_ms"]
+    assert min(kinds["convolutions, forward"], kinds["convolutions, backward"], kinds["BatchNorm, forward and backward"]) > 0
+    # the backward pass computes both the input's and the weights' gradients: about twice the forward FLOPs
+    assert 1.5 < report["conv_flops"]["backward"] / report["conv_flops"]["forward"] < 2.5
+    assert report["loader_ms_per_batch"] > 0 and "% of the GEMM" in out
