@@ -47,11 +47,12 @@ KINDS = (
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=common.DEFAULT_DATA_DIR, help="photos for the loader row (skipped if absent)")
-    p.add_argument("--height", type=int, default=160)
-    p.add_argument("--width", type=int, default=240)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--features", type=int, nargs="+", default=[64, 128, 256, 512])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--height", type=int, default=160, help="batch height (default: %(default)s)")
+    p.add_argument("--width", type=int, default=240, help="batch width (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (default: %(default)s)")
+    p.add_argument("--features", type=int, nargs="+", default=[64, 128, 256, 512],
+                   help="UNet channels per level (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda...")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="as train.py's")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="as train.py's (default: its rule)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default: %(default)s)")
@@ -191,9 +192,12 @@ def report(r: dict[str, Any]) -> str:
             rate = (f"{r['conv_flops'][direction] / 1e9:,.0f} GFLOP at {gflops:,.0f} GFLOP/s: "
                     f"{100 * gflops / (r['gemm_tflops'] * 1e3):.0f}% of the GEMM{of_peak}")
         kind_rows.append([kind, f"{ms:,.0f}", f"{100 * ms / profiled_ms:.0f}%", rate])
+    conv_share = sum(r["kind_ms"][kind] for kind, _ in KINDS[:2]) / profiled_ms
+    ceiling = (f"\nThe convolutions take {100 * conv_share:.0f}% of the profiled step: with everything else free, "
+               f"the step could run at most {1 / conv_share:.2f}x as fast without faster convolutions.")
     return (head + "\n" + common.markdown_table(["phase", "ms", "share of the step"], phase_rows) + "\n\n"
             + common.markdown_table(["operator kind (one profiled step, self CPU time)", "ms", "share",
-                                     "convolutions: FLOPs, rate"], kind_rows))
+                                     "convolutions: FLOPs, rate"], kind_rows) + "\n" + ceiling)
 
 
 if __name__ == "__main__":
