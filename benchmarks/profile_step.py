@@ -63,9 +63,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def nominal_peak(device: torch.device, dtype: torch.dtype, override: float | None) -> tuple[float | None, str]:
-    """(peak TFLOP/s of dtype, how it was found): bf16 from common.peak_tflops, fp32 from CPU_FP32_FLOP_PER_CYCLE."""
-    if override or dtype != torch.float32 or device.type != "cpu":
+    """(peak TFLOP/s of dtype, how it was found): bf16 from common.peak_tflops, fp32 on a CPU from
+    CPU_FP32_FLOP_PER_CYCLE; None for fp32 on a GPU, whose bf16 datasheet peak would not apply."""
+    if override or dtype != torch.float32:
         return common.peak_tflops(device, override)
+    if device.type != "cpu":
+        return None, "fp32 on a GPU: pass --peak-tflops"
     cpu = common.cpu_info()
     if not cpu["mhz"]:
         return None, "no clock in /proc/cpuinfo: pass --peak-tflops"
