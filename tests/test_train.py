@@ -177,13 +177,25 @@ def test_channels_last_by_default_only_on_cpus_with_bf16_units(monkeypatch, caps
     assert ("no bf16 units" in train.utils.device_name(train.torch.device("cpu"))) != bf16_units
 
 
-def test_torch_held_to_avx2_counts_as_a_cpu_without_bf16_units(monkeypatch):
+class Zen4Cpuinfo:
+    """Stands in for utils.Path: /proc/cpuinfo of a CPU with bf16 units, on any machine."""
+
+    def __init__(self, path: str):
+        assert path == "/proc/cpuinfo"
+
+    def read_text(self) -> str:
+        return "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16\n"
+
+
+@pytest.mark.parametrize("capability, bf16", [("AVX512", True), ("AVX2", False)])
+def test_torch_held_to_avx2_counts_as_a_cpu_without_bf16_units(monkeypatch, capability, bf16):
     # ATEN_CPU_CAPABILITY=avx2 (with ONEDNN_MAX_CPU_ISA=AVX2) makes a bf16 CPU run like an AVX2 one: fp32 defaults.
-    monkeypatch.setattr(train.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(train.utils, "Path", Zen4Cpuinfo)
+    monkeypatch.setattr(train.torch.backends.cpu, "get_cpu_capability", lambda: capability)
     train.utils.cpu_has_bf16_units.cache_clear()
     try:
-        assert not train.utils.cpu_has_bf16_units()
-        assert train.utils.autocast_dtype(train.torch.device("cpu")) is None
+        assert train.utils.cpu_has_bf16_units() == bf16
+        assert train.utils.autocast_dtype(train.torch.device("cpu")) == (train.torch.bfloat16 if bf16 else None)
     finally:
         train.utils.cpu_has_bf16_units.cache_clear()
 
