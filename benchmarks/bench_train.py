@@ -44,9 +44,7 @@ def measure_steps(opts: argparse.Namespace, variant: str) -> dict[str, Any]:
     device = utils.select_device(opts.device)
     amp_dtype = utils.autocast_dtype(device, args.amp)
     memory_format = utils.memory_format(device, args.channels_last)  # as train.Setup picks it
-    torch.manual_seed(0)
-    images = torch.rand(args.batch_size, 3, args.height, args.width, device=device).contiguous(memory_format=memory_format)
-    masks = (torch.rand(args.batch_size, 1, args.height, args.width, device=device) > 0.5).float()
+    images, masks = common.fixed_batch(args, device, memory_format)
     rss_before = common.max_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

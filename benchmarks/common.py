@@ -23,6 +23,9 @@ GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 # bf16 FLOP per cycle per core: one 512-bit VDPBF16PS a cycle is 16 lanes x 2 products x 2 (mul+add)
 # = 64 (Zen 4 runs it on two 256-bit pipes); AMX tiles on Intel Sapphire Rapids and later do 1024.
 CPU_BF16_FLOP_PER_CYCLE = {"amx_bf16": 1024, "avx512_bf16": 64}
+# fp32 FLOP per cycle per core: two 256-bit FMA pipes (8 lanes x 2 x 2), as on Zen 3 and Zen 4 (which splits
+# an AVX-512 FMA over both). Intel cores with two 512-bit FMA units do 64: pass --peak-tflops there.
+CPU_FP32_FLOP_PER_CYCLE = 32
 
 
 def cpu_info() -> dict[str, Any]:
@@ -55,23 +58,31 @@ def load_average() -> tuple[float, ...] | None:
     return tuple(round(v, 2) for v in os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
-    """(peak dense bf16 TFLOP/s, how it was found): the flag, the GPU's datasheet, or cores x clock x FLOP/cycle."""
+def peak_tflops(device: torch.device, override: float | None,
+                dtype: torch.dtype = torch.bfloat16) -> tuple[float | None, str]:
+    """(peak dense TFLOP/s in dtype, bf16 or fp32; how it was found): the flag, the GPU's bf16 datasheet, or on a CPU
+    cores x clock x FLOP/cycle."""
     if override:
         return override, f"--peak-tflops {override}"
     if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return None, f"{dtype} on a GPU: pass --peak-tflops"
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return peak, f"{key} dense bf16 datasheet peak"
         return None, f"unknown GPU {name!r}: pass --peak-tflops"
+    per_cycle_by_flag = {torch.bfloat16: CPU_BF16_FLOP_PER_CYCLE, torch.float32: {"fma": CPU_FP32_FLOP_PER_CYCLE}}
+    if dtype not in per_cycle_by_flag:
+        return None, f"{dtype} on a CPU: pass --peak-tflops"
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
     cpu = cpu_info()
-    for flag, per_cycle in CPU_BF16_FLOP_PER_CYCLE.items():
+    for flag, per_cycle in per_cycle_by_flag[dtype].items():
         if flag in cpu["flags"] and cpu["mhz"]:
             peak = cpu["cores"] * cpu["mhz"] * 1e6 * per_cycle / 1e12
             return peak, (f"{cpu['cores']} cores x {cpu['mhz'] / 1000:.2f} GHz (the clock /proc/cpuinfo states, "
-                          f"nominal; boost may exceed it) x {per_cycle} bf16 FLOP/cycle ({flag})")
-    return None, "no bf16 units found: pass --peak-tflops"
+                          f"nominal; boost may exceed it) x {per_cycle} {name} FLOP/cycle ({flag})")
+    return None, f"no {'bf16 units' if name == 'bf16' else 'FMA units or clock'} found: pass --peak-tflops"
 
 
 def gemm_dtype(device: torch.device) -> torch.dtype:
@@ -95,6 +106,17 @@ def gemm_tflops(device: torch.device, n: int | None = None, repeats: int = 5,
     timed(lambda: a @ b, device)  # warm-up
     seconds = median([timed(lambda: a @ b, device) for _ in range(repeats)])
     return 2 * n**3 / seconds / 1e12
+
+
+def fixed_batch(args: Any, device: torch.device,
+                memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of train.py's --batch-size, --height and --width (seed 0) held on the device: images and
+    0/1 masks, the input of a pure-compute training step."""
+    torch.manual_seed(0)
+    images = torch.rand(args.batch_size, 3, args.height, args.width, device=device).contiguous(
+        memory_format=memory_format)
+    masks = (torch.rand(args.batch_size, 1, args.height, args.width, device=device) > 0.5).float()
+    return images, masks
 
 
 def synchronize(device: torch.device) -> None:

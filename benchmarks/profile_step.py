@@ -30,10 +30,6 @@ import utils
 from model import UNet
 from task import bce_dice_loss
 
-# fp32 FLOP per cycle per core: two 256-bit FMA pipes (8 lanes x 2 x 2), as on Zen 3 and Zen 4 (which splits
-# an AVX-512 FMA over both). Intel cores with two 512-bit FMA units do 64: pass --peak-tflops there.
-CPU_FP32_FLOP_PER_CYCLE = 32
-
 # Operator kinds, by substrings of the aten operator's name; the first kind that matches takes it.
 KINDS = (
     ("convolutions, backward", ("convolution_backward", "conv_transpose2d_backward", "conv2d_backward")),
@@ -60,21 +56,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, overriding the nominal one")
     p.add_argument("--json", default=None, metavar="OUT.json")
     return p.parse_args()
-
-
-def nominal_peak(device: torch.device, dtype: torch.dtype, override: float | None) -> tuple[float | None, str]:
-    """(peak TFLOP/s of dtype, how it was found): bf16 from common.peak_tflops, fp32 on a CPU from
-    CPU_FP32_FLOP_PER_CYCLE; None for fp32 on a GPU, whose bf16 datasheet peak would not apply."""
-    if override or dtype != torch.float32:
-        return common.peak_tflops(device, override)
-    if device.type != "cpu":
-        return None, "fp32 on a GPU: pass --peak-tflops"
-    cpu = common.cpu_info()
-    if not cpu["mhz"]:
-        return None, "no clock in /proc/cpuinfo: pass --peak-tflops"
-    peak = cpu["cores"] * cpu["mhz"] * 1e6 * CPU_FP32_FLOP_PER_CYCLE / 1e12
-    return peak, (f"{cpu['cores']} cores x {cpu['mhz'] / 1000:.2f} GHz (nominal) x {CPU_FP32_FLOP_PER_CYCLE} "
-                  f"fp32 FLOP/cycle")
 
 
 def conv_flops(features: list[int], batch: int, height: int, width: int) -> dict[str, float]:
@@ -118,10 +99,13 @@ def phase_times(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tenso
     loss = bce_dice_loss(logits, masks)
     mark()
     opt.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    opt.scaler.scale(loss).backward()
     mark()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    opt.optimizer.step()
+    if clip_grad > 0:  # the rest as train.train_step does it
+        opt.scaler.unscale_(opt.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
     mark()
     names = ("forward", "loss", "backward", "clip + AdamW step")
     return {name: 1e3 * (b - a) for name, a, b in zip(names, marks, marks[1:])}
@@ -137,10 +121,7 @@ def main() -> None:
     args = train.parse_args(argv)[0]
     amp_dtype = utils.autocast_dtype(device, args.amp)
     memory_format = utils.memory_format(device, args.channels_last)  # as train.Setup picks it
-    torch.manual_seed(0)
-    images = torch.rand(args.batch_size, 3, args.height, args.width, device=device).contiguous(
-        memory_format=memory_format)
-    masks = (torch.rand(args.batch_size, 1, args.height, args.width, device=device) > 0.5).float()
+    images, masks = common.fixed_batch(args, device, memory_format)
     model = UNet(features=args.features).to(device, memory_format=memory_format).train()
     opt = train.Optimization.create(model, args, device, steps_per_epoch=opts.warmup + opts.steps + 1)
 
@@ -154,7 +135,7 @@ def main() -> None:
     kinds_ms = profile_kinds(step)
     dtype = amp_dtype or torch.float32
     gemm = common.gemm_tflops(device, dtype=dtype)
-    peak, peak_source = nominal_peak(device, dtype, opts.peak_tflops)
+    peak, peak_source = common.peak_tflops(device, opts.peak_tflops, dtype)
     flops = conv_flops(args.features, args.batch_size, args.height, args.width)
     loader_ms = None
     if (pairs := ds.find_pairs(opts.data_dir)[:32] if Path(opts.data_dir).is_dir() else []):
