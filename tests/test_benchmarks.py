@@ -94,3 +94,33 @@ def test_profile_step_splits_the_step_and_rates_the_convolutions(tiny_data, tmp_
     # the backward pass computes both the input's and the weights' gradients: about twice the forward FLOPs
     assert 1.5 < report["conv_flops"]["backward"] / report["conv_flops"]["forward"] < 2.5
     assert report["loader_ms_per_batch"] > 0 and "% of the GEMM" in out
+
+
+def recipe_commands(tmp_path: Path, **env: str) -> list[list[str]]:
+    """The argv of each `python` call cpu_recipe.sh makes, with a stand-in python on PATH that records them."""
+    import os
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "$RECORD"; printf "\\n" >> "$RECORD"; echo done\n')
+    fake.chmod(0o755)
+    record = tmp_path / "argv"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "RECORD": str(record), **env}
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_recipe.sh"), "DATA", str(tmp_path / "runs")],
+                   env=env, check=True, capture_output=True, timeout=60)
+    return [line.rstrip("\0").split("\0") for line in record.read_text().splitlines()]
+
+
+def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
+    import train
+    stage1, stage2, evaluation, _ = recipe_commands(tmp_path)
+    first, _ = train.parse_args(stage1[1:])
+    second, _ = train.parse_args(stage2[1:])
+    assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
+        (256, 384, 18, 384, 576, 10)
+    assert second.init == str(tmp_path / "runs" / "stage1" / "last.pt")
+    augmentation = ("shift", "zoom", "rotate", "grey")
+    assert [getattr(second, key) for key in ("edge_weight", *augmentation)] == [3, 0.0625, [0.91, 1.21], 7, 0.1]
+    assert evaluation[:3] == ["evaluate.py", "--checkpoint", str(tmp_path / "runs" / "stage2" / "best.pt")]
+    plain, _ = train.parse_args(recipe_commands(tmp_path / "plain", AUG2="")[1][1:])  # AUG2= : train.py's defaults
+    defaults, _ = train.parse_args([])
+    assert [getattr(plain, key) for key in augmentation] == [getattr(defaults, key) for key in augmentation]
