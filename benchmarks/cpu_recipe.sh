@@ -6,7 +6,8 @@
 #
 # Stage 1 learns the car at 256x384 (32 s an epoch on a 2-core Zen 4 with bf16 units); stage 2 starts from its
 # weights and split (--init) and sharpens the outline at 384x576, where a pixel is 3.3 photo pixels, not 5, with the
-# outline weighted 3x and the first-place solution's augmentation ranges.
+# outline weighted 3x and the first-place solution's augmentation ranges (neutral on top of the edge weight over two
+# seeds; kept because this is the command measured end to end).
 # Knobs (environment), for the ablation in BENCHMARKS.md: EPOCHS1 (18), EPOCHS2 (10), LR1 (1.5e-3), LR2 (5e-4),
 # EDGE (3: --edge-weight of stage 2), AUG2 (stage 2's augmentation flags; AUG2= keeps train.py's defaults),
 # EXTRA (more train.py flags for both stages). Both stages use --seed 0, whose split holds out 4 cars.
