@@ -26,6 +26,9 @@ CPU_BF16_FLOP_PER_CYCLE = {"amx_bf16": 1024, "avx512_bf16": 64}
 # fp32 FLOP per cycle per core: two 256-bit FMA pipes (8 lanes x 2 x 2), as on Zen 3 and Zen 4 (which splits
 # an AVX-512 FMA over both). Intel cores with two 512-bit FMA units do 64: pass --peak-tflops there.
 CPU_FP32_FLOP_PER_CYCLE = 32
+# dtype -> (its name, {the /proc/cpuinfo flag of units for it: FLOP per cycle per core}), the best units first
+CPU_FLOP_PER_CYCLE = {torch.bfloat16: ("bf16", CPU_BF16_FLOP_PER_CYCLE),
+                      torch.float32: ("fp32", {"fma": CPU_FP32_FLOP_PER_CYCLE})}
 
 
 def cpu_info() -> dict[str, Any]:
@@ -72,17 +75,16 @@ def peak_tflops(device: torch.device, override: float | None,
             if key in name:
                 return peak, f"{key} dense bf16 datasheet peak"
         return None, f"unknown GPU {name!r}: pass --peak-tflops"
-    per_cycle_by_flag = {torch.bfloat16: CPU_BF16_FLOP_PER_CYCLE, torch.float32: {"fma": CPU_FP32_FLOP_PER_CYCLE}}
-    if dtype not in per_cycle_by_flag:
+    if dtype not in CPU_FLOP_PER_CYCLE:
         return None, f"{dtype} on a CPU: pass --peak-tflops"
-    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    name, per_cycle_by_flag = CPU_FLOP_PER_CYCLE[dtype]
     cpu = cpu_info()
-    for flag, per_cycle in per_cycle_by_flag[dtype].items():
+    for flag, per_cycle in per_cycle_by_flag.items():
         if flag in cpu["flags"] and cpu["mhz"]:
             peak = cpu["cores"] * cpu["mhz"] * 1e6 * per_cycle / 1e12
             return peak, (f"{cpu['cores']} cores x {cpu['mhz'] / 1000:.2f} GHz (the clock /proc/cpuinfo states, "
                           f"nominal; boost may exceed it) x {per_cycle} {name} FLOP/cycle ({flag})")
-    return None, f"no {'bf16 units' if name == 'bf16' else 'FMA units or clock'} found: pass --peak-tflops"
+    return None, f"no {name} units ({', '.join(per_cycle_by_flag)}) or no clock found: pass --peak-tflops"
 
 
 def gemm_dtype(device: torch.device) -> torch.dtype:
