@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,6 @@ def test_profile_step_splits_the_step_and_rates_the_convolutions(tiny_data, tmp_
 
 def recipe_commands(tmp_path: Path, **env: str) -> list[list[str]]:
     """The argv of each `python` call cpu_recipe.sh makes, with a stand-in python on PATH that records them."""
-    import os
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir(parents=True)
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "$RECORD"; printf "\\n" >> "$RECORD"; echo done\n')
