@@ -348,12 +348,16 @@ def val_transforms(height: int, width: int):
     return A.Compose([A.Resize(height, width)])
 
 
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, C) image -> float (C, H, W) in [0, 1], the model's input."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+
+
 def to_tensors(image: np.ndarray, mask: np.ndarray, classes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (H, W, C) image -> float (C, H, W) in [0, 1]; uint8 (H, W) mask -> float coverage (1, H, W)
     in [0, 1], or with classes=True the class indices as int64 (H, W), as cross-entropy takes them."""
-    image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
     mask_t = torch.from_numpy(np.ascontiguousarray(mask))
-    return image_t, (mask_t.long() if classes else mask_t.unsqueeze(0).float().div_(255))
+    return image_tensor(image), (mask_t.long() if classes else mask_t.unsqueeze(0).float().div_(255))
 
 
 # --- dataset ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import dataset as ds
 import utils
-from predict import predict_probabilities, upsample_to
+from predict import mean_upsampled, predict_probabilities
 from report import PerImage, write_report
 from task import keep_largest_region
 from train import Setup, checked_pairs, default_workers
@@ -37,6 +37,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--all", action="store_true",
                         help="score every image of --data-dir (cars the run never saw), not only its held-out ones")
     parser.add_argument("--tta", action="store_true", help="also score horizontal-flip TTA (2x the compute)")
+    parser.add_argument("--size", type=utils.parse_size, nargs="+", metavar="HxW",
+                        help="input size(s) for the original-size rows, as predict.py --size (default: the training "
+                             "size); several average their probabilities (multi-scale TTA)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's)")
     parser.add_argument("--workers", type=int, help="data-loading processes, 0: the main process (default: train's)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cuda:1, mps, cpu")
@@ -71,18 +74,18 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     summary = (f"{ds.describe_pairs(pairs)} of {config.data_dir}{'' if args.all else ', held out from training'} "
                f"({args.checkpoint})")
-    score(net, pairs, config, setup, run_dir, summary, args.tta)
+    score(net, pairs, config, setup, run_dir, summary, args.tta, args.size)
 
 
 def score(net: torch.nn.Module, pairs: Sequence[tuple[Path, Path]], config: argparse.Namespace, setup: Setup,
-          run_dir: Path, summary: str, tta: bool = False) -> None:
+          run_dir: Path, summary: str, tta: bool = False, sizes: Sequence[tuple[int, int]] | None = None) -> None:
     """Score net on the pairs: print the table and the threshold line, write per_image.csv and report.html."""
     net = net.to(setup.device, memory_format=setup.memory_format)
     per_image = PerImage(setup.task, run_dir, setup.device)
-    results = evaluate_at_training_and_original_size(net, pairs, config, setup, tta, per_image)
+    results = evaluate_at_training_and_original_size(net, pairs, config, setup, tta, per_image, sizes)
     if setup.is_main:
         print(summary)
-        print_table(results, config, original_size_label(pairs), setup)
+        print_table(results, config, original_size_label(pairs), setup, sizes)
         if per_image.threshold_dice:
             print("mean Dice at the original size without TTA, by threshold: "
                   + "  ".join(f"{t}: {dice:.4f}" for t, dice in per_image.threshold_dice.items()))
@@ -91,30 +94,43 @@ def score(net: torch.nn.Module, pairs: Sequence[tuple[Path, Path]], config: argp
 
 
 class WithOriginalMasks(ds.SegmentationDataset):
-    """Validation items at the training size, each with its mask at the original size and its index."""
+    """Validation items at the training size, each with its mask at the original size, its index and the image at
+    each of input_sizes (the model's inputs for the original-size scores)."""
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        return *super().__getitem__(item), torch.from_numpy(self.original_mask(item[0])), item[0]
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], config: argparse.Namespace,
+                 input_sizes: Sequence[tuple[int, int]]):
+        super().__init__(pairs, config.height, config.width, ds.val_transforms(config.height, config.width),
+                         soft_masks=False, classes=config.classes, in_channels=config.in_channels)
+        self.input_sizes = [tuple(size) for size in input_sizes]
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list]:
+        image, mask = super().__getitem__(item)
+        views = [image if size == self.size else
+                 ds.image_tensor(ds.load_image(self.pairs[item[0]][0], size, self.in_channels))
+                 for size in self.input_sizes]
+        return image, mask, torch.from_numpy(self.original_mask(item[0])), item[0], views
 
     @staticmethod
-    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
-        """Stack the training-size tensors; original masks stay a list (their sizes may differ)."""
-        images, masks, originals, indices = zip(*items)
-        return torch.stack(images), torch.stack(masks), list(originals), indices
+    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], tuple[int, ...], list]:
+        """Stack the training-size tensors and each input size's; original masks stay a list (their sizes may
+        differ)."""
+        images, masks, originals, indices, views = zip(*items)
+        return torch.stack(images), torch.stack(masks), list(originals), indices, [torch.stack(v) for v in zip(*views)]
 
 
 @torch.no_grad()
 def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence[tuple[Path, Path]],
                                            config: argparse.Namespace, setup: Setup,
-                                           tta: bool = False, per_image: PerImage | None = None
+                                           tta: bool = False, per_image: PerImage | None = None,
+                                           sizes: Sequence[tuple[int, int]] | None = None
                                            ) -> dict[tuple[str, bool], dict[str, Any]]:
     """Metrics keyed by (resolution, tta), resolution "training", "original" or, for a binary model, "one region"
-    (original, only the largest region kept, its holes filled), reduced over processes; per_image collects each
+    (original, only the largest region kept, its holes filled), reduced over processes; the original-size rows
+    average the probabilities of the inputs at `sizes` (default: the training size); per_image collects each
     image's scores without TTA at the original size."""
     net.eval()
     task = setup.task
-    data = WithOriginalMasks(pairs, config.height, config.width, ds.val_transforms(config.height, config.width),
-                             soft_masks=False, classes=config.classes, in_channels=config.in_channels)
+    data = WithOriginalMasks(pairs, config, sizes or [(config.height, config.width)])
     sampler = ds.SeededSampler(len(data), config.seed, shuffle=False, rank=setup.rank, world_size=setup.world_size)
     if config.workers > 0:
         ds.single_threaded_opencv()
@@ -123,14 +139,18 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
     modes = (False, True) if tta else (False,)
     resolutions = ("training", "original") + (("one region",) if task.classes == 1 else ())
     metrics = {(res, flip): task.metrics(setup.device) for res in resolutions for flip in modes}
-    for images, masks, originals, indices in tqdm(loader, desc="evaluate", leave=False, disable=not setup.is_main):
-        images = images.to(setup.device, memory_format=setup.memory_format)
+    for images, masks, originals, indices, views in tqdm(loader, desc="evaluate", leave=False,
+                                                         disable=not setup.is_main):
         for flip in modes:
             with utils.autocast(setup.device, setup.amp_dtype):
-                probs = predict_probabilities(net, images, task, flip)
-            metrics[("training", flip)].update(task.labels(probs.cpu()), task.truth(masks))
-            for prob, original, index in zip(probs, originals, indices):
-                upsampled = upsample_to(prob[None], tuple(original.shape))
+                probs = {size: predict_probabilities(net, x.to(setup.device, memory_format=setup.memory_format),
+                                                     task, flip) for size, x in zip(data.input_sizes, views)}
+                if data.size not in probs:  # the training-size rows
+                    images = images.to(setup.device, memory_format=setup.memory_format)
+                    probs[data.size] = predict_probabilities(net, images, task, flip)
+            metrics[("training", flip)].update(task.labels(probs[data.size].cpu()), task.truth(masks))
+            for i, (original, index) in enumerate(zip(originals, indices)):
+                upsampled = mean_upsampled([probs[size][i:i + 1] for size in data.input_sizes], tuple(original.shape))
                 full, truth = task.labels(upsampled), task.truth(original[None])
                 decided = full.cpu()  # one copy off the device, for the metrics and the one-region cleaning
                 metrics[("original", flip)].update(decided, truth)
@@ -156,9 +176,13 @@ def original_size_label(pairs: Sequence[tuple[Path, Path]]) -> str:
 
 
 def print_table(results: dict[tuple[str, bool], dict[str, Any]], config: argparse.Namespace, original: str,
-                setup: Setup) -> None:
+                setup: Setup, sizes: Sequence[tuple[int, int]] | None = None) -> None:
     """One row per (resolution, TTA), the task's columns, then what they mean."""
     task = setup.task
+    if sizes and list(sizes) != [(config.height, config.width)]:
+        averaged = "averaged, " if len(sizes) > 1 else ""
+        print(f"original-size rows: the probabilities at inputs of {utils.describe_sizes(sizes)} ({averaged}"
+              f"upsampled to the original size)")
     labels = {"training": f"{config.height}x{config.width} (training)", "original": original,
               "one region": f"{original.split()[0]}, one region"}
     print(f"{'resolution':<22}{'TTA':<5}" + "".join(f"{title:>{width}}" for title, _, width in task.table))

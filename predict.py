@@ -4,8 +4,9 @@
     python predict.py --checkpoint runs/NAME/best.pt --input a.jpg photos/ --output out \\
         --overlay --tta --submission out/submission.csv.gz
 
-Each image, turned upright as its EXIF orientation says, runs through the model at its training size; the
-probabilities, upsampled bilinearly to the image's own size, are thresholded (or give the likeliest class). For X.jpg
+Each image, turned upright as its EXIF orientation says, runs through the model at its training size (or at each
+--size); the probabilities, upsampled bilinearly to the image's own size (and averaged), are thresholded (or give the
+likeliest class). For X.jpg
 it writes OUTPUT/X_mask.png (0 background, 255 car; multi-class: a palette PNG of the class indices) and, with
 --overlay, X_overlay.jpg. Images whose outputs OUTPUT holds are skipped (see --overwrite); unreadable ones are listed
 at the end (exit status 2), after every other image got its mask, and no submission is written: it would lack them.
@@ -132,47 +133,60 @@ def upsample_to(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class ImageFiles(Dataset):
-    """Images decoded straight to the model's input size and channels, each with its original (height, width)."""
+def mean_upsampled(probs: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """The mean of one image's probabilities (each (1, C, h, w), from inputs of different sizes: multi-scale TTA)
+    after upsampling each to size=(H, W)."""
+    if len(probs) == 1:
+        return upsample_to(probs[0], size)
+    return torch.stack([upsample_to(p, size) for p in probs]).mean(0)
 
-    def __init__(self, paths: Sequence[Path], size: tuple[int, int], channels: int = 3):
-        self.paths, self.size, self.channels = list(paths), size, channels
+
+class ImageFiles(Dataset):
+    """Images decoded straight to each of the model's input sizes and its channels, with their original size."""
+
+    def __init__(self, paths: Sequence[Path], sizes: Sequence[tuple[int, int]], channels: int = 3):
+        self.paths, self.sizes, self.channels = list(paths), list(sizes), channels
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
-        """(uint8 (h, w, channels) image, original (H, W) as viewers show it, index, error message or "")."""
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], torch.Tensor, int, str]:
+        """(uint8 (h, w, channels) image at each size, original (H, W) as viewers show it, index, error or "")."""
         path = self.paths[index]
         try:
             with Image.open(path) as img:
                 (width, height), _ = upright(img)  # reads the header only
-            image = torch.tensor(load_image(path, self.size, self.channels))  # a copy: PIL's array is read-only
-            return image, torch.tensor([height, width]), index, ""
+            # Copies (torch.tensor): PIL's arrays are read-only.
+            images = [torch.tensor(load_image(path, size, self.channels)) for size in self.sizes]
+            return images, torch.tensor([height, width]), index, ""
         except Exception as e:  # truncated, corrupt, a decompression bomb: returned, so the others get masks
-            blank = torch.zeros(*self.size, self.channels, dtype=torch.uint8)
-            return blank, torch.tensor([0, 0]), index, f"{path}: cannot read the image ({type(e).__name__}: {e})"
+            blanks = [torch.zeros(*size, self.channels, dtype=torch.uint8) for size in self.sizes]
+            return blanks, torch.tensor([0, 0]), index, f"{path}: cannot read the image ({type(e).__name__}: {e})"
 
 
-def predict_paths(model: nn.Module, paths: Sequence[Path], size: tuple[int, int], *, batch_size: int = 8,
+def predict_paths(model: nn.Module, paths: Sequence[Path], sizes: Sequence[tuple[int, int]], *, batch_size: int = 8,
                   workers: int = 0, threshold: float = 0.5, tta: bool = False, amp: str = "auto",
                   postprocess: bool = False) -> Iterator[tuple[Path, np.ndarray | None, str]]:
     """(path, mask at the image's own size: boolean, or uint8 class indices; "") for each path, in order, or
-    (path, None, why) for an image that cannot be read; postprocess keeps a binary mask's largest region."""
+    (path, None, why) for an image that cannot be read; several input sizes average their probabilities;
+    postprocess keeps a binary mask's largest region."""
     device = next(model.parameters()).device
     dtype, layout = utils.autocast_dtype(device, amp), utils.memory_format(device)
     task = make_task(model.config["out_channels"])
-    loader = DataLoader(ImageFiles(paths, size, model.config["in_channels"]), batch_size=batch_size,
+    loader = DataLoader(ImageFiles(paths, sizes, model.config["in_channels"]), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda")
-    for images, sizes, indices, errors in loader:
-        # (N, h, w, 3) uint8 permuted to (N, 3, h, w) is channels_last in memory already.
-        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        x = x.contiguous(memory_format=layout)
-        with utils.autocast(device, dtype):
-            probs = predict_probabilities(model, x, task, tta)
-        for prob, (height, width), index, error in zip(probs, sizes.tolist(), indices.tolist(), errors):
-            # Upsample the probabilities, not the decided mask, so edges are smooth at full size.
-            mask = None if error else task.labels(upsample_to(prob[None], (height, width)), threshold)[0].cpu().numpy()
+    for views, originals, indices, errors in loader:
+        probs = []  # (N, C, h, w) at each input size
+        for images in views:
+            # (N, h, w, 3) uint8 permuted to (N, 3, h, w) is channels_last in memory already.
+            x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+            with utils.autocast(device, dtype):
+                probs.append(predict_probabilities(model, x.contiguous(memory_format=layout), task, tta))
+        for i, ((height, width), index, error) in enumerate(zip(originals.tolist(), indices.tolist(), errors)):
+            mask = None
+            if not error:  # upsample the probabilities, not the decided mask, so edges are smooth at full size
+                prob = mean_upsampled([p[i:i + 1] for p in probs], (height, width))
+                mask = task.labels(prob, threshold)[0].cpu().numpy()
             if mask is not None and postprocess:
                 mask = keep_largest_region(mask)
             yield paths[index], mask, error
@@ -197,6 +211,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="mixed precision, as train.py's (default: auto; off: fp32, as an ONNX export runs)")
     parser.add_argument("--tta", action="store_true",
                         help="average the probabilities of each image and its horizontal mirror (2x the compute)")
+    parser.add_argument("--size", type=utils.parse_size, nargs="+", metavar="HxW",
+                        help="the model's input size(s) (default: its training size); several average their "
+                             "probabilities (multi-scale TTA, one pass each), e.g. 384x576 448x672 512x768 for a "
+                             "model trained at 384x576")
     parser.add_argument("--postprocess", action="store_true",
                         help="binary models: keep only each mask's largest region and fill its holes (one car a "
                              "photo; evaluate.py's 'one region' rows measure it)")
@@ -222,7 +240,8 @@ def run(args: argparse.Namespace) -> None:
     paths = find_images(args.input)
     check_output_names(paths)
     device = utils.select_device(args.device)
-    model, size = load_segmentation_model(args.checkpoint, device)
+    model, training_size = load_segmentation_model(args.checkpoint, device)
+    sizes = args.size or [training_size]
     classes = model.config["out_channels"]
     if classes > 1 and args.submission is not None:
         raise UserError(f"{args.checkpoint}: --submission writes Kaggle's binary run-length encoding, but this "
@@ -240,9 +259,9 @@ def run(args: argparse.Namespace) -> None:
     done = {p for p in paths if not args.overwrite and all((args.output / (p.stem + n)).is_file() for n in names)}
     skipped = f"; {len(done)} already done, skipped (--overwrite predicts them again)" if done else ""
     device = next(model.parameters()).device  # an ONNX model runs on the CPU whatever --device says
-    print(f"{len(paths)} image(s) -> {args.output}: model input {size[0]}x{size[1]}{kind} on {device}"
+    print(f"{len(paths)} image(s) -> {args.output}: model input {utils.describe_sizes(sizes)}{kind} on {device}"
           f"{', TTA' if args.tta else ''}{', one region a mask' if args.postprocess else ''}{skipped}")
-    predictions = predict_paths(model, [p for p in paths if p not in done], size, batch_size=args.batch_size,
+    predictions = predict_paths(model, [p for p in paths if p not in done], sizes, batch_size=args.batch_size,
                                 workers=args.workers, threshold=args.threshold, tta=args.tta, amp=args.amp,
                                 postprocess=args.postprocess)
     failures = []

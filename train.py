@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --classes N: the mask value of unlabelled pixels (default: %(default)s)")
     data.add_argument("--height", type=int, default=160, help="training height in pixels (default: %(default)s)")
     data.add_argument("--width", type=int, default=240, help="training width in pixels (default: %(default)s)")
-    data.add_argument("--crop", type=parse_size, metavar="HxW",
+    data.add_argument("--crop", type=utils.parse_size, metavar="HxW",
                       help="train on random HxW crops of the images resized to --height x --width (e.g. --height 1280 "
                            "--width 1918 --crop 512x512: full resolution on a small GPU); validation and prediction "
                            "take the whole image (default: the whole image)")
@@ -112,17 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="PATH",
                      help="checkpoint (or run folder: its last.pt) to continue, with its settings unless given here")
     return p
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'256x384' -> (256, 384): a height and a width in pixels."""
-    try:
-        height, width = (int(n) for n in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 256x384") from None
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be positive")
-    return height, width
 
 
 # Settings that belong to the machine or to this invocation, never taken from a checkpoint.

@@ -86,6 +86,22 @@ def parallel_map(function: Callable, jobs: list, workers: int | None = None, chu
             yield from pool.imap(function, jobs, chunksize=chunk)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'256x384' -> (256, 384): a height and a width in pixels."""
+    try:
+        height, width = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 256x384") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be positive")
+    return height, width
+
+
+def describe_sizes(sizes: Sequence[tuple[int, int]]) -> str:
+    """[(384, 576), (448, 672)] -> '384x576 + 448x672'."""
+    return " + ".join(f"{height}x{width}" for height, width in sizes)
+
+
 def plural(n: int, word: str) -> str:
     """plural(1, 'note') -> '1 note', plural(2, 'note') -> '2 notes'."""
     return f"{n} {word}{'' if n == 1 else 's'}"

@@ -1,11 +1,16 @@
 """evaluate.py: a checkpoint's scores at the training size and at the original size, on its held-out images."""
+import csv
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import evaluate
+import predict
+import utils
+from dataset import load_mask
 from conftest import one_epoch_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +32,23 @@ def test_evaluate_prints_metrics_at_both_resolutions(run_dir, synthetic_dir, cap
     assert sum(row.startswith("64x96, one region") for row in rows) == 2
     assert "mean Dice at the original size without TTA, by threshold: 0.3: " in out
     assert len((run_dir / "per_image.csv").read_text().splitlines()) == 1 + 16  # the header, then each image
+
+
+def test_original_size_rows_score_what_predict_writes_at_several_sizes(run_dir, synthetic_dir, capsys, monkeypatch):
+    monkeypatch.setattr(utils, "autocast_dtype", lambda device, amp="auto": None)  # float32, to compare exactly
+    sizes = [(32, 48), (48, 64)]
+    assert evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(synthetic_dir),
+                          "--workers", "0", "--size", "32x48", "48x64"]) == 0
+    assert "the probabilities at inputs of 32x48 + 48x64 (averaged, " in capsys.readouterr().out
+    with open(run_dir / "per_image.csv", newline="") as f:
+        rows = {row["image"]: row for row in csv.DictReader(f)}
+    model, _ = predict.load_segmentation_model(run_dir / "best.pt", torch.device("cpu"))
+    paths = [synthetic_dir / "train" / name for name in sorted(rows)]
+    for path, mask, _ in predict.predict_paths(model, paths, sizes, workers=0):
+        truth = load_mask(synthetic_dir / "train_masks" / f"{path.stem}_mask.gif") > 0
+        row = rows[path.name]
+        assert (int(row["false_positive_px"]), int(row["false_negative_px"])) == ((mask & ~truth).sum(),
+                                                                                  (~mask & truth).sum())
 
 
 def test_evaluate_all_reports_every_image_of_the_folder(run_dir, synthetic_dir):
@@ -55,5 +77,5 @@ def test_a_folder_without_the_validation_cars_is_refused_in_one_line(run_dir, tm
 def test_evaluate_help_names_every_flag():
     result = subprocess.run([sys.executable, "evaluate.py", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0
-    for flag in ("--checkpoint", "--data-dir", "--all", "--tta", "--batch-size", "--workers", "--device"):
+    for flag in ("--checkpoint", "--data-dir", "--all", "--tta", "--size", "--batch-size", "--workers", "--device"):
         assert flag in result.stdout

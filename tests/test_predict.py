@@ -124,7 +124,7 @@ def test_masks_are_thresholded_after_upsampling(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(utils, "autocast_dtype", lambda device, amp="auto": None)  # float32, to compare exactly
     model, size = predict.load_segmentation_model(checkpoint, torch.device("cpu"))
     paths = predict.find_images([images])
-    results = list(predict.predict_paths(model, paths, size, batch_size=2, tta=True))
+    results = list(predict.predict_paths(model, paths, [size], batch_size=2, tta=True))
     assert [path for path, _, _ in results] == paths and not any(problem for _, _, problem in results)
     for path, mask, _ in results:
         x = torch.from_numpy(load_image(path, size).copy()).permute(2, 0, 1)[None].float() / 255
@@ -135,11 +135,41 @@ def test_masks_are_thresholded_after_upsampling(monkeypatch: pytest.MonkeyPatch,
         np.testing.assert_array_equal(mask, probs[0, 0].numpy() > 0.5)
 
 
+def test_several_sizes_average_their_probabilities_at_the_photos_size(monkeypatch: pytest.MonkeyPatch, images: Path,
+                                                                     checkpoint: Path) -> None:
+    monkeypatch.setattr(utils, "autocast_dtype", lambda device, amp="auto": None)  # float32, to compare exactly
+    model, size = predict.load_segmentation_model(checkpoint, torch.device("cpu"))
+    paths, sizes = predict.find_images([images]), [size, (48, 80)]
+    results = list(predict.predict_paths(model, paths, sizes, batch_size=2))
+    single = [mask for _, mask, _ in predict.predict_paths(model, paths, [size], batch_size=2)]
+    for (path, mask, problem), one_size in zip(results, single):
+        with Image.open(path) as img:
+            width, height = img.size
+        probs = []
+        for input_size in sizes:
+            x = torch.from_numpy(load_image(path, input_size).copy()).permute(2, 0, 1)[None].float() / 255
+            probs.append(predict.upsample_to(predict.predict_probabilities(model, x, BINARY), (height, width)))
+        assert not problem and mask.shape == (height, width)
+        np.testing.assert_array_equal(mask, ((probs[0] + probs[1]) / 2)[0, 0].numpy() > 0.5)
+    assert any(not np.array_equal(mask, one) for (_, mask, _), one in zip(results, single))  # the sizes matter
+
+
+def test_size_flag_names_the_inputs_and_refuses_a_malformed_size(tmp_path: Path, images: Path, checkpoint: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    assert run_main("--checkpoint", checkpoint, "--input", images, "--output", tmp_path, "--size", "48x80", "32x48",
+                    "--workers", "0", "--device", "cpu") == 0
+    assert "model input 48x80 + 32x48" in capsys.readouterr().out
+    assert all((tmp_path / f"{Path(name).stem}_mask.png").is_file() for name in IMAGE_SIZES)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.parse_args(["--checkpoint", "c.pt", "--input", "x", "--output", "o", "--size", "384"])
+    assert exit_info.value.code == 2 and "HEIGHTxWIDTH" in capsys.readouterr().err
+
+
 def test_postprocess_keeps_each_masks_largest_region(images: Path, checkpoint: Path) -> None:
     model, size = predict.load_segmentation_model(checkpoint, torch.device("cpu"))
     paths = predict.find_images([images])
-    plain = [mask for _, mask, _ in predict.predict_paths(model, paths, size, amp="off")]
-    cleaned = [mask for _, mask, _ in predict.predict_paths(model, paths, size, amp="off", postprocess=True)]
+    plain = [mask for _, mask, _ in predict.predict_paths(model, paths, [size], amp="off")]
+    cleaned = [mask for _, mask, _ in predict.predict_paths(model, paths, [size], amp="off", postprocess=True)]
     for before, after in zip(plain, cleaned):
         np.testing.assert_array_equal(after, keep_largest_region(before))
     assert any(not np.array_equal(before, after) for before, after in zip(plain, cleaned))  # the test bites
