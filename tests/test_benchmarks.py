@@ -111,16 +111,21 @@ def recipe_commands(tmp_path: Path, **env: str) -> list[list[str]]:
 
 
 def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
+    import evaluate
     import train
     stage1, stage2, evaluation, _ = recipe_commands(tmp_path)
     first, _ = train.parse_args(stage1[1:])
     second, _ = train.parse_args(stage2[1:])
     assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
-        (256, 384, 18, 384, 576, 10)
+        (256, 384, 16, 384, 576, 9)
+    assert first.features == second.features == [16, 32, 64, 128, 256] and second.edge_weight == 3
     assert second.init == str(tmp_path / "runs" / "stage1" / "last.pt")
+    scoring = evaluate.parse_args(evaluation[1:])
+    assert scoring.checkpoint == str(tmp_path / "runs" / "stage2" / "best.pt") and scoring.tta
+    assert scoring.size == [(384, 576), (448, 672), (512, 768)]
     augmentation = ("shift", "zoom", "rotate", "grey")
-    assert [getattr(second, key) for key in ("edge_weight", *augmentation)] == [3, 0.0625, [0.91, 1.21], 7, 0.1]
-    assert evaluation[:3] == ["evaluate.py", "--checkpoint", str(tmp_path / "runs" / "stage2" / "best.pt")]
-    plain, _ = train.parse_args(recipe_commands(tmp_path / "plain", AUG2="")[1][1:])  # AUG2= : train.py's defaults
-    defaults, _ = train.parse_args([])
-    assert [getattr(plain, key) for key in augmentation] == [getattr(defaults, key) for key in augmentation]
+    first_place = "--shift 0.0625 --zoom 0.91 1.21 --rotate 7 --grey 0.1"
+    ranges, _ = train.parse_args(recipe_commands(tmp_path / "aug", AUG2=first_place)[1][1:])
+    assert [getattr(ranges, key) for key in augmentation] == [0.0625, [0.91, 1.21], 7, 0.1]
+    defaults, _ = train.parse_args([])  # without AUG2, stage 2 keeps train.py's ranges
+    assert [getattr(second, key) for key in augmentation] == [getattr(defaults, key) for key in augmentation]
