@@ -5,8 +5,8 @@
     torchrun --nproc_per_node=4 evaluate.py --checkpoint ...                          # several GPUs
 
 At the original size the probabilities are upsampled bilinearly before the decision (threshold, or
-the likeliest class), exactly as predict.py makes its masks. The images and settings (size, classes,
-split) are the checkpoint's own.
+the likeliest class), exactly as predict.py makes its masks (with --size, from the model's inputs at those
+sizes, averaged). The images and settings (size, classes, split) are the checkpoint's own.
 """
 from __future__ import annotations
 

@@ -6,10 +6,10 @@
 
 Each image, turned upright as its EXIF orientation says, runs through the model at its training size (or at each
 --size); the probabilities, upsampled bilinearly to the image's own size (and averaged), are thresholded (or give the
-likeliest class). For X.jpg
-it writes OUTPUT/X_mask.png (0 background, 255 car; multi-class: a palette PNG of the class indices) and, with
---overlay, X_overlay.jpg. Images whose outputs OUTPUT holds are skipped (see --overwrite); unreadable ones are listed
-at the end (exit status 2), after every other image got its mask, and no submission is written: it would lack them.
+likeliest class). For X.jpg it writes OUTPUT/X_mask.png (0 background, 255 car; multi-class: a palette PNG of the
+class indices) and, with --overlay, X_overlay.jpg. Images whose outputs OUTPUT holds are skipped (see --overwrite);
+unreadable ones are listed at the end (exit status 2), after every other image got its mask, and no submission is
+written: it would lack them.
 """
 from __future__ import annotations
 

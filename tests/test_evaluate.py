@@ -51,6 +51,16 @@ def test_original_size_rows_score_what_predict_writes_at_several_sizes(run_dir, 
                                                                                   (~mask & truth).sum())
 
 
+def test_training_size_rows_do_not_depend_on_size(run_dir, synthetic_dir, capsys):
+    def rows(*flags: str) -> list[str]:
+        assert evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(synthetic_dir),
+                              "--workers", "0", *flags]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith(("32x48", "64x96"))]
+    default, larger = rows(), rows("--size", "48x64")  # the training size (32x48) is not among the inputs
+    assert [r for r in larger if r.startswith("32x48")] == [r for r in default if r.startswith("32x48")]
+    assert len(larger) == len(default) == 3
+
+
 def test_evaluate_all_reports_every_image_of_the_folder(run_dir, synthetic_dir):
     assert evaluate.main(["--checkpoint", str(run_dir), "--data-dir", str(synthetic_dir), "--all",
                           "--workers", "0"]) == 0
