@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
+import utils
 from dataset import IMAGE_DIR, IMAGE_EXTENSIONS, MASK_DIR, find_pairs, is_hidden
 from utils import UserError
 
@@ -83,8 +84,7 @@ def describe_kaggle_error(error: Exception, action: str) -> str:
         return f"{action}: Kaggle answered 401 Unauthorized: your API token is invalid or expired. {TOKEN_HELP}"
     if status is not None:
         return f"{action}: Kaggle answered HTTP {status}; try again later"
-    detail = (str(error).splitlines() or [""])[0]
-    detail = detail if len(detail) <= 120 else detail[:117] + "..."
+    detail = utils.one_line(error, limit=120)
     # requests' ConnectionError and Timeout, matched by name: requests comes with kaggle, not with us.
     if any(cls.__name__ in ("ConnectionError", "Timeout") for cls in type(error).__mro__):
         return (f"{action}: cannot reach Kaggle ({type(error).__name__}: {detail}); check your internet "

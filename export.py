@@ -32,11 +32,6 @@ def needs(module: str, path: Path):
         raise UserError(f"{path}: needs {module}: pip install -r requirements-onnx.txt") from None
 
 
-def one_line(error: Exception) -> str:
-    """onnxruntime's message, in the one line a UserError has."""
-    return " ".join(str(error).split())[:200]
-
-
 class OnnxModel:
     """An export.py file run by ONNX Runtime on the CPU, called like the UNet: float (N, C, H, W) -> logits."""
 
@@ -53,7 +48,7 @@ class OnnxModel:
             meta = self.session.get_modelmeta().custom_metadata_map
             height, width, in_channels, out_channels = (int(meta[key]) for key in METADATA)
         except Exception as e:  # a truncated or foreign file fails in onnxruntime's own ways, or lacks the metadata
-            raise UserError(f"{path}: not an ONNX file written by export.py ({one_line(e)})") from None
+            raise UserError(f"{path}: not an ONNX file written by export.py ({utils.one_line(e)})") from None
         self.size, self.config = (height, width), {"in_channels": in_channels, "out_channels": out_channels}
 
     def parameters(self):
@@ -90,7 +85,7 @@ def check(model: UNet, onnx_model: OnnxModel, path: Path) -> None:
             try:
                 difference = (task.probabilities(onnx_model(x)) - task.probabilities(model(x))).abs().max().item()
             except Exception as e:  # ONNX Runtime refuses the size, e.g. a shape baked in at the trace's
-                raise UserError(f"{path}: not written: ONNX Runtime fails at {h}x{w}: {one_line(e)}") from None
+                raise UserError(f"{path}: not written: ONNX Runtime fails at {h}x{w}: {utils.one_line(e)}") from None
         print(f"self-check {batch}x{h}x{w}: largest |ONNX Runtime - PyTorch| probability {difference:.1e}")
         if not difference <= TOLERANCE:  # NaN fails too
             raise UserError(f"{path}: not written: ONNX Runtime differs from PyTorch by {difference:.1e} at "

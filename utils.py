@@ -97,6 +97,13 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (whitespace collapsed, cut at limit), or its type's name when it has none,
+    for errors that must stay one line."""
+    text = " ".join(str(error).split())
+    return (text if len(text) <= limit else text[:limit - 3] + "...") or type(error).__name__
+
+
 def describe_sizes(sizes: Sequence[tuple[int, int]]) -> str:
     """[(384, 576), (448, 672)] -> '384x576 + 448x672'."""
     return " + ".join(f"{height}x{width}" for height, width in sizes)
@@ -134,16 +141,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"{path}: refused to load: it holds objects other than tensors and plain data (a pickle "
                 f"that could run code). Only load checkpoints you trust and that this repository made.") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format): "
-                              f"{_first_line(e)}") from None
+                              f"{one_line(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this repository (expected the keys "
                               f"'model' and 'model_config', as train.py writes)")
     return state
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> UNet:
@@ -153,7 +155,7 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"
         model.load_state_dict(state["model"])
     except (TypeError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: its weights do not fit the model it describes "
-                              f"({state.get('model_config')}): {_first_line(e)}")
+                              f"({state.get('model_config')}): {one_line(e)}")
     return model
 
 

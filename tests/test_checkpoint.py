@@ -22,3 +22,11 @@ def test_run_folder_means_its_last_checkpoint(tmp_path):
     model = UNet(features=(4,))
     utils.save_checkpoint({"model": model.state_dict(), "model_config": model.config}, tmp_path / "last.pt")
     assert utils.load_checkpoint(tmp_path)["model_config"] == model.config
+
+
+def test_error_messages_are_cut_to_one_bounded_line():
+    message = utils.one_line(RuntimeError("Error(s) in loading state_dict for UNet:\n\tMissing key(s): " + "k" * 300))
+    assert message.startswith("Error(s) in loading state_dict for UNet: Missing key(s): kkk")
+    assert "\n" not in message and len(message) == 200 and message.endswith("...")
+    assert utils.one_line(KeyError("short"), limit=120) == "'short'"
+    assert utils.one_line(ValueError()) == "ValueError"  # no message: its type says what happened
