@@ -59,6 +59,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     """Load the checkpoint, find its held-out images, score them and print the table."""
     state = utils.load_checkpoint(args.checkpoint)
     net = utils.model_from_checkpoint(state, args.checkpoint)
+    utils.check_input_sizes(args.size or [], net.config)
     config = utils.training_config(state, args.checkpoint)  # the run's settings, but this command's data and machine
     config.data_dir = args.data_dir or getattr(config, "val_dir", None) or config.data_dir
     config.batch_size = config.batch_size if args.batch_size is None else args.batch_size

@@ -242,6 +242,7 @@ def run(args: argparse.Namespace) -> None:
     device = utils.select_device(args.device)
     model, training_size = load_segmentation_model(args.checkpoint, device)
     sizes = args.size or [training_size]
+    utils.check_input_sizes(sizes, model.config)
     classes = model.config["out_channels"]
     if classes > 1 and args.submission is not None:
         raise UserError(f"{args.checkpoint}: --submission writes Kaggle's binary run-length encoding, but this "

@@ -97,6 +97,15 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def check_input_sizes(sizes: Sequence[tuple[int, int]], model_config: dict[str, Any]) -> None:
+    """Refuse, as a UserError, input sizes too small for the UNet's levels (each halves the size)."""
+    smallest = 2 ** len(model_config.get("features", ()))  # an ONNX model's config has no features: not checked
+    too_small = [size for size in sizes if min(size) < smallest]
+    if too_small:
+        raise UserError(f"--size {describe_sizes(too_small)} is too small for this UNet's "
+                        f"{len(model_config['features'])} levels: height and width must be at least {smallest}")
+
+
 def one_line(error: BaseException, limit: int = 200) -> str:
     """An exception's message on one line (whitespace collapsed, cut at limit), or its type's name when it has none,
     for errors that must stay one line."""

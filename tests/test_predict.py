@@ -163,6 +163,11 @@ def test_size_flag_names_the_inputs_and_refuses_a_malformed_size(tmp_path: Path,
     with pytest.raises(SystemExit) as exit_info:
         predict.parse_args(["--checkpoint", "c.pt", "--input", "x", "--output", "o", "--size", "384"])
     assert exit_info.value.code == 2 and "HEIGHTxWIDTH" in capsys.readouterr().err
+    # two levels halve the size twice: 3 rows are too few, and the error says so instead of a traceback
+    assert run_main("--checkpoint", checkpoint, "--input", images, "--output", tmp_path, "--size", "3x48",
+                    "--workers", "0", "--device", "cpu") == 2
+    assert "--size 3x48 is too small for this UNet's 2 levels: height and width must be at least 4" in \
+        capsys.readouterr().err
 
 
 def test_postprocess_keeps_each_masks_largest_region(images: Path, checkpoint: Path) -> None:
