@@ -103,17 +103,17 @@ class WithOriginalMasks(ds.SegmentationDataset):
         super().__init__(pairs, config.height, config.width, ds.val_transforms(config.height, config.width),
                          soft_masks=False, classes=config.classes, in_channels=config.in_channels)
         self.input_sizes = [tuple(size) for size in input_sizes]
+        self.other_sizes = [size for size in self.input_sizes if size != self.size]  # decoded besides the training size
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list]:
         image, mask = super().__getitem__(item)
-        views = [image if size == self.size else
-                 ds.image_tensor(ds.load_image(self.pairs[item[0]][0], size, self.in_channels))
-                 for size in self.input_sizes]
+        views = [ds.image_tensor(ds.load_image(self.pairs[item[0]][0], size, self.in_channels))
+                 for size in self.other_sizes]
         return image, mask, torch.from_numpy(self.original_mask(item[0])), item[0], views
 
     @staticmethod
     def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], tuple[int, ...], list]:
-        """Stack the training-size tensors and each input size's; original masks stay a list (their sizes may
+        """Stack the training-size tensors and each other input size's; original masks stay a list (their sizes may
         differ)."""
         images, masks, originals, indices, views = zip(*items)
         return torch.stack(images), torch.stack(masks), list(originals), indices, [torch.stack(v) for v in zip(*views)]
@@ -142,13 +142,11 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
     metrics = {(res, flip): task.metrics(setup.device) for res in resolutions for flip in modes}
     for images, masks, originals, indices, views in tqdm(loader, desc="evaluate", leave=False,
                                                          disable=not setup.is_main):
+        inputs = [x.to(setup.device, memory_format=setup.memory_format) for x in (images, *views)]
         for flip in modes:
             with utils.autocast(setup.device, setup.amp_dtype):
-                probs = {size: predict_probabilities(net, x.to(setup.device, memory_format=setup.memory_format),
-                                                     task, flip) for size, x in zip(data.input_sizes, views)}
-                if data.size not in probs:  # the training-size rows
-                    images = images.to(setup.device, memory_format=setup.memory_format)
-                    probs[data.size] = predict_probabilities(net, images, task, flip)
+                probs = {size: predict_probabilities(net, x, task, flip)
+                         for size, x in zip([data.size, *data.other_sizes], inputs)}
             metrics[("training", flip)].update(task.labels(probs[data.size].cpu()), task.truth(masks))
             for i, (original, index) in enumerate(zip(originals, indices)):
                 upsampled = mean_upsampled([probs[size][i:i + 1] for size in data.input_sizes], tuple(original.shape))
