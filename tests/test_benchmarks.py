@@ -118,7 +118,7 @@ def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
     second, _ = train.parse_args(stage2[1:])
     assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
         (256, 384, 16, 384, 576, 9)
-    assert first.features == second.features == [16, 32, 64, 128, 256] and second.edge_weight == 3
+    assert first.features == second.features == [16, 32, 64, 128, 256] and second.edge_weight == 5
     assert second.init == str(tmp_path / "runs" / "stage1" / "last.pt")
     scoring = evaluate.parse_args(evaluation[1:])
     assert scoring.checkpoint == str(tmp_path / "runs" / "stage2" / "best.pt") and scoring.tta
