@@ -4,33 +4,46 @@
 #
 #   bash benchmarks/cpu_recipe.sh ../shared/carvana [RUNS_DIR]       # RUNS_DIR default runs/carvana-cpu
 #
-# A five-level UNet (its 12x18 bottleneck at 384x576 sees the whole car). Stage 1 learns the car at 256x384 (about
-# 45 s an epoch on a 2-core Zen 4 with bf16 units); stage 2 starts from its weights and split (--init) and sharpens
-# the outline at 384x576, where a pixel is 3.3 photo pixels, not 5, with the outline weighted 5x. The held-out cars
-# are scored with the model's inputs at 384x576, 448x672 and 512x768, their probabilities averaged (multi-scale TTA).
-# Knobs (environment), for the ablation in BENCHMARKS.md: EPOCHS1 (16), EPOCHS2 (9), LR1 (1.5e-3), LR2 (5e-4),
-# EDGE (5: --edge-weight of stage 2), AUG2 (stage 2's augmentation flags, e.g. the first place's "--shift 0.0625
-# --zoom 0.91 1.21 --rotate 7 --grey 0.1"; default none: train.py's ranges), FEATURES ("16 32 64 128 256"), SIZES
-# (evaluate.py --size), EXTRA (more train.py flags for both stages). Both stages use --seed 0, whose split holds out
-# 4 cars.
+# A five-level UNet (its 12x18 bottleneck at 384x576 sees the whole car). Stage 1 learns the car at SIZE1; stage 2
+# starts from its weights and split (--init) and sharpens the outline at SIZE2 with the outline weighted 5x. The
+# held-out cars are scored with the model's inputs at three sizes, their probabilities averaged (multi-scale TTA).
+# The epochs and sizes follow the CPU class (CPU_CLASS, as utils.cpu_has_bf16_units finds it), to fit 30 minutes:
+#   bf16: bf16 units (bf16 autocast): 16 epochs at 256x384 (about 45 s each on a 2-core Zen 4), then 9 at 384x576,
+#         where a pixel is 3.3 photo pixels, not 5; scored at 384x576 448x672 512x768.
+#   avx2: AVX2 only (fp32, about 3x the time a step): 10 epochs at 192x288, then 3 at 320x480; scored at 320x480
+#         384x576 416x624.
+# Knobs (environment), for the ablation in BENCHMARKS.md: CPU_CLASS (bf16 or avx2), EPOCHS1, EPOCHS2, SIZE1, SIZE2
+# (HxW), LR1 (1.5e-3), LR2 (5e-4), EDGE (5: --edge-weight of stage 2), AUG2 (stage 2's augmentation flags, e.g. the
+# first place's "--shift 0.0625 --zoom 0.91 1.21 --rotate 7 --grey 0.1"; default none: train.py's ranges), FEATURES
+# ("16 32 64 128 256"), SIZES (evaluate.py --size), EXTRA (more train.py flags for both stages). Both stages use
+# --seed 0, whose split holds out 4 cars.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: cpu_recipe.sh DATA_DIR [RUNS_DIR]}
 R=${2:-runs/carvana-cpu}
 mkdir -p "$R"
+CPU_CLASS=${CPU_CLASS:-$(python -c 'import utils; print("bf16" if utils.cpu_has_bf16_units() else "avx2")')}
+case "$CPU_CLASS" in  # epochs1 size1 epochs2 size2 sizes
+  bf16) DEFAULTS=(16 256x384 9 384x576 "384x576 448x672 512x768") ;;
+  avx2) DEFAULTS=(10 192x288 3 320x480 "320x480 384x576 416x624") ;;
+  *) echo "error: CPU_CLASS must be bf16 or avx2, not '$CPU_CLASS'" >&2; exit 2 ;;
+esac
+EPOCHS1=${EPOCHS1:-${DEFAULTS[0]}} SIZE1=${SIZE1:-${DEFAULTS[1]}} EPOCHS2=${EPOCHS2:-${DEFAULTS[2]}}
+SIZE2=${SIZE2:-${DEFAULTS[3]}} SIZES=${SIZES:-${DEFAULTS[4]}}
+echo "CPU class $CPU_CLASS: $EPOCHS1 epochs at $SIZE1, then $EPOCHS2 at $SIZE2; scored at inputs of $SIZES"
 # shellcheck disable=SC2206
 COMMON=(--data-dir "$DATA" --features ${FEATURES:-16 32 64 128 256} --batch-size 2 --val-cars 4 --workers 1
   --num-predictions 0)
 # shellcheck disable=SC2086
-python train.py "${COMMON[@]}" --height 256 --width 384 --epochs "${EPOCHS1:-16}" --lr "${LR1:-1.5e-3}" \
-  ${EXTRA:-} --out-dir "$R/stage1" 2>&1 | tr '\r' '\n' | grep -v 'it/s' > "$R.stage1.log"
+python train.py "${COMMON[@]}" --height "${SIZE1%x*}" --width "${SIZE1#*x}" --epochs "$EPOCHS1" \
+  --lr "${LR1:-1.5e-3}" ${EXTRA:-} --out-dir "$R/stage1" 2>&1 | tr '\r' '\n' | grep -v 'it/s' > "$R.stage1.log"
 # shellcheck disable=SC2086
-python train.py "${COMMON[@]}" --height 384 --width 576 --epochs "${EPOCHS2:-9}" --lr "${LR2:-5e-4}" --fp32-warmup 0 \
-  --edge-weight "${EDGE:-5}" ${AUG2:-} ${EXTRA:-} --init "$R/stage1/last.pt" --out-dir "$R/stage2" 2>&1 \
-  | tr '\r' '\n' | grep -v 'it/s' > "$R.stage2.log"
+python train.py "${COMMON[@]}" --height "${SIZE2%x*}" --width "${SIZE2#*x}" --epochs "$EPOCHS2" \
+  --lr "${LR2:-5e-4}" --fp32-warmup 0 --edge-weight "${EDGE:-5}" ${AUG2:-} ${EXTRA:-} --init "$R/stage1/last.pt" \
+  --out-dir "$R/stage2" 2>&1 | tr '\r' '\n' | grep -v 'it/s' > "$R.stage2.log"
 # shellcheck disable=SC2086
 python evaluate.py --checkpoint "$R/stage2/best.pt" --data-dir "$DATA" --tta --workers 1 \
-  --size ${SIZES:-384x576 448x672 512x768} 2>&1 | tr '\r' '\n' | grep -v 'it/s' | tee "$R.evaluate.log"
+  --size $SIZES 2>&1 | tr '\r' '\n' | grep -v 'it/s' | tee "$R.evaluate.log"
 python - "$R/stage1/metrics.csv" "$R/stage2/metrics.csv" <<'PY'
 import csv, sys
 minutes = [sum(float(r["seconds"]) for r in csv.DictReader(open(path))) / 60 for path in sys.argv[1:]]

@@ -113,7 +113,7 @@ def recipe_commands(tmp_path: Path, **env: str) -> list[list[str]]:
 def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
     import evaluate
     import train
-    stage1, stage2, evaluation, _ = recipe_commands(tmp_path)
+    stage1, stage2, evaluation, _ = recipe_commands(tmp_path, CPU_CLASS="bf16")
     first, _ = train.parse_args(stage1[1:])
     second, _ = train.parse_args(stage2[1:])
     assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
@@ -125,7 +125,24 @@ def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
     assert scoring.size == [(384, 576), (448, 672), (512, 768)]
     augmentation = ("shift", "zoom", "rotate", "grey")
     first_place = "--shift 0.0625 --zoom 0.91 1.21 --rotate 7 --grey 0.1"
-    ranges, _ = train.parse_args(recipe_commands(tmp_path / "aug", AUG2=first_place)[1][1:])
+    ranges, _ = train.parse_args(recipe_commands(tmp_path / "aug", CPU_CLASS="bf16", AUG2=first_place)[1][1:])
     assert [getattr(ranges, key) for key in augmentation] == [0.0625, [0.91, 1.21], 7, 0.1]
     defaults, _ = train.parse_args([])  # without AUG2, stage 2 keeps train.py's ranges
     assert [getattr(second, key) for key in augmentation] == [getattr(defaults, key) for key in augmentation]
+
+
+def test_cpu_recipe_on_avx2_trains_less_and_refuses_an_unknown_class(tmp_path):
+    import evaluate
+    import train
+    stage1, stage2, evaluation, _ = recipe_commands(tmp_path, CPU_CLASS="avx2")
+    first, _ = train.parse_args(stage1[1:])
+    second, _ = train.parse_args(stage2[1:])
+    bf16_first, _ = train.parse_args(recipe_commands(tmp_path / "bf16", CPU_CLASS="bf16")[0][1:])
+    assert first.epochs < bf16_first.epochs  # fp32 steps cost about 3x: fewer epochs fit 30 minutes
+    assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
+        (192, 288, 10, 320, 480, 3)
+    assert second.init == str(tmp_path / "runs" / "stage1" / "last.pt") and second.edge_weight == 5
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in evaluate.parse_args(evaluation[1:]).size)  # five levels
+    refused = subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_recipe.sh"), "DATA", str(tmp_path / "x")],
+                             env={**os.environ, "CPU_CLASS": "sse"}, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "CPU_CLASS must be bf16 or avx2, not 'sse'" in refused.stderr
