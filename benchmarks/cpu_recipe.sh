@@ -21,7 +21,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: cpu_recipe.sh DATA_DIR [RUNS_DIR]}
 R=${2:-runs/carvana-cpu}
-mkdir -p "$R"
 CPU_CLASS=${CPU_CLASS:-$(python -c 'import utils; print("bf16" if utils.cpu_has_bf16_units() else "avx2")')}
 case "$CPU_CLASS" in  # epochs1 size1 epochs2 size2 sizes
   bf16) DEFAULTS=(16 256x384 9 384x576 "384x576 448x672 512x768") ;;
@@ -31,6 +30,7 @@ esac
 EPOCHS1=${EPOCHS1:-${DEFAULTS[0]}} SIZE1=${SIZE1:-${DEFAULTS[1]}} EPOCHS2=${EPOCHS2:-${DEFAULTS[2]}}
 SIZE2=${SIZE2:-${DEFAULTS[3]}} SIZES=${SIZES:-${DEFAULTS[4]}}
 echo "CPU class $CPU_CLASS: $EPOCHS1 epochs at $SIZE1, then $EPOCHS2 at $SIZE2; scored at inputs of $SIZES"
+mkdir -p "$R"
 # shellcheck disable=SC2206
 COMMON=(--data-dir "$DATA" --features ${FEATURES:-16 32 64 128 256} --batch-size 2 --val-cars 4 --workers 1
   --num-predictions 0)

@@ -146,3 +146,4 @@ def test_cpu_recipe_on_avx2_trains_less_and_refuses_an_unknown_class(tmp_path):
     refused = subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_recipe.sh"), "DATA", str(tmp_path / "x")],
                              env={**os.environ, "CPU_CLASS": "sse"}, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "CPU_CLASS must be bf16 or avx2, not 'sse'" in refused.stderr
+    assert not (tmp_path / "x").exists()  # refused before it makes the run folder
