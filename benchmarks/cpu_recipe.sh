@@ -10,8 +10,8 @@
 # The epochs and sizes follow the CPU class (CPU_CLASS, as utils.cpu_has_bf16_units finds it), to fit 30 minutes:
 #   bf16: bf16 units (bf16 autocast): 16 epochs at 256x384 (about 45 s each on a 2-core Zen 4), then 9 at 384x576,
 #         where a pixel is 3.3 photo pixels, not 5; scored at 384x576 448x672 512x768.
-#   avx2: AVX2 only (fp32, about 3x the time a step): 10 epochs at 192x288, then 3 at 320x480; scored at 320x480
-#         384x576 416x624.
+#   avx2: AVX2 only (fp32, 3-5x the time a step): 7 epochs at 160x240, then 3 at 320x480 (22 min on a 2-core Zen 2);
+#         scored at 320x480 384x576 416x624. A faster AVX2 CPU fits EPOCHS1=10 SIZE1=192x288 (26 min held to AVX2).
 # Knobs (environment), for the ablation in BENCHMARKS.md: CPU_CLASS (bf16 or avx2), EPOCHS1, EPOCHS2, SIZE1, SIZE2
 # (HxW), LR1 (1.5e-3), LR2 (5e-4), EDGE (5: --edge-weight of stage 2), AUG2 (stage 2's augmentation flags, e.g. the
 # first place's "--shift 0.0625 --zoom 0.91 1.21 --rotate 7 --grey 0.1"; default none: train.py's ranges), FEATURES
@@ -24,7 +24,7 @@ R=${2:-runs/carvana-cpu}
 CPU_CLASS=${CPU_CLASS:-$(python -c 'import utils; print("bf16" if utils.cpu_has_bf16_units() else "avx2")')}
 case "$CPU_CLASS" in  # epochs1 size1 epochs2 size2 sizes
   bf16) DEFAULTS=(16 256x384 9 384x576 "384x576 448x672 512x768") ;;
-  avx2) DEFAULTS=(10 192x288 3 320x480 "320x480 384x576 416x624") ;;
+  avx2) DEFAULTS=(7 160x240 3 320x480 "320x480 384x576 416x624") ;;
   *) echo "error: CPU_CLASS must be bf16 or avx2, not '$CPU_CLASS'" >&2; exit 2 ;;
 esac
 EPOCHS1=${EPOCHS1:-${DEFAULTS[0]}} SIZE1=${SIZE1:-${DEFAULTS[1]}} EPOCHS2=${EPOCHS2:-${DEFAULTS[2]}}
