@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of the first steps trained in fp32 before --amp (default: %(default)s)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                      help="channels_last memory format (default: on GPUs and CPUs with bf16 units)")
+    run.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
+                     help="AdamW's fused kernel on CUDA and CPUs, one pass over each tensor instead of one per "
+                          "operation (default: on; --no-fused-adamw: torch's default kernels, as a plain loop)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     run.add_argument("--num-predictions", type=int, default=4,
@@ -482,9 +485,9 @@ class Optimization:
     @staticmethod
     def create(net: torch.nn.Module, args: argparse.Namespace, device: torch.device,
                steps_per_epoch: int) -> Optimization:
-        """The fused AdamW kernel on CUDA (one launch for all tensors); the scaler only for fp16."""
-        optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                      fused=device.type == "cuda")
+        """AdamW (fused on CUDA and CPUs unless --no-fused-adamw), its schedule, and the scaler only for fp16."""
+        fused = args.fused_adamw and device.type in ("cuda", "cpu")
+        optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
                                                         steps_per_epoch=steps_per_epoch, pct_start=0.1)
         amp_dtype = utils.autocast_dtype(device, args.amp)

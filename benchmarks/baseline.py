@@ -3,7 +3,8 @@
     python benchmarks/baseline.py TRAIN_FLAGS...   # train.py, decoding this way (bench_epoch.py's baseline)
 
 Everything else the baseline changes is a train.py flag (--amp off --no-channels-last --workers 0
---no-cache), so only the decode is swapped here, by replacing dataset.load_image/load_mask_resized.
+--no-cache --no-fused-adamw), so only the decode is swapped here, by replacing
+dataset.load_image/load_mask_resized.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from PIL import Image
 import common  # noqa: F401  (puts the repo on sys.path)
 import dataset as ds
 
-BASELINE_FLAGS = ["--amp", "off", "--no-channels-last", "--workers", "0", "--no-cache"]
+BASELINE_FLAGS = ["--amp", "off", "--no-channels-last", "--workers", "0", "--no-cache", "--no-fused-adamw"]
 
 
 def plain_load_image(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:

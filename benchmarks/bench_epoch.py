@@ -6,6 +6,7 @@ Both sides are train.py itself, run as a subprocess for one epoch (start-up, dat
 training, validation, checkpoint and plots included) on the same symlinked subset of cars:
   project:  python train.py --epochs 1 ...                            (its defaults)
   baseline: python benchmarks/baseline.py --epochs 1 ... --amp off --no-channels-last --workers 0 --no-cache
+            --no-fused-adamw
             (baseline.py is train.py with the decode swapped for a full-size PIL decode + resize,
              the one baseline setting train.py has no flag for)
 Runs alternate, baseline first; the table gives medians and the median of the per-repeat ratios,

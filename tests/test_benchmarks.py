@@ -60,6 +60,14 @@ def test_gemm_yardstick_is_fp32_on_a_cpu_without_bf16_units(monkeypatch):
     assert common.gemm_dtype(common.torch.device("cpu")) == common.torch.bfloat16
 
 
+def test_bench_optimizer_times_both_adamw_kernels_on_the_same_unet():
+    out = run_script("benchmarks/bench_optimizer.py", "--features", "4", "8", "--features", "8", "16",
+                     "--repeats", "2", "--warmup", "1")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 4 8") or line.startswith("| 8 16")]
+    assert len(rows) == 2 and "bf16 units)" in out.splitlines()[0]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 and row[4].endswith("x |") for row in rows)
+
+
 def test_gpu_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
 

@@ -177,6 +177,26 @@ def test_channels_last_by_default_only_on_cpus_with_bf16_units(monkeypatch, caps
     assert ("no bf16 units" in train.utils.device_name(train.torch.device("cpu"))) != bf16_units
 
 
+def test_adamw_is_fused_on_the_cpu_unless_asked_and_steps_as_the_default_kernels_do():
+    torch.manual_seed(0)
+    nets, opts = [], []
+    for flags in ([], ["--no-fused-adamw"]):
+        args, _ = train.parse_args(["--device", "cpu", "--lr", "1e-2", *flags])
+        nets.append(torch.nn.Linear(6, 3))
+        opts.append(train.Optimization.create(nets[-1], args, torch.device("cpu"), steps_per_epoch=5))
+    assert [o.optimizer.defaults["fused"] for o in opts] == [True, False]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = nets[0].weight.detach().clone()
+    for _ in range(5):
+        batch = torch.randn(4, 6)
+        for net, opt in zip(nets, opts):
+            opt.optimizer.zero_grad()
+            net(batch).square().mean().backward()
+            opt.optimizer.step()
+    assert not torch.allclose(nets[0].weight, start)  # the steps moved the weights
+    torch.testing.assert_close(nets[0].weight, nets[1].weight)  # the same update, only the kernel differs
+
+
 class Zen4Cpuinfo:
     """Stands in for utils.Path: /proc/cpuinfo of a CPU with bf16 units, on any machine."""
 
