@@ -297,13 +297,8 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor
     with utils.autocast(images.device, amp_dtype):
         logits = model(images)
     loss = loss_fn(logits, masks)
-    opt.optimizer.zero_grad(set_to_none=True)
-    opt.scaler.scale(loss).backward()
-    if clip_grad > 0:
-        opt.scaler.unscale_(opt.optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    opt.scaler.step(opt.optimizer)  # skipped by the fp16 grad scaler when gradients overflowed
-    opt.scaler.update()
+    opt.backward(loss)
+    opt.step(model, clip_grad)
     return loss.detach()
 
 
@@ -492,6 +487,19 @@ class Optimization:
                                                         steps_per_epoch=steps_per_epoch, pct_start=0.1)
         amp_dtype = utils.autocast_dtype(device, args.amp)
         return Optimization(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Fresh gradients of the loss (scaled for fp16, so that small ones do not flush to zero)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+
+    def step(self, model: torch.nn.Module, clip_grad: float) -> None:
+        """Clip the gradients' norm (0: no clipping) and update the weights; the schedule steps in the loop."""
+        if clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        self.scaler.step(self.optimizer)  # skipped by the fp16 grad scaler when gradients overflowed
+        self.scaler.update()
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

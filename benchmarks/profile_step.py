@@ -86,7 +86,7 @@ def profile_kinds(step: Callable[[], Any]) -> dict[str, float]:
 
 def phase_times(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, opt: train.Optimization,
                 amp_dtype: torch.dtype | None, clip_grad: float) -> dict[str, float]:
-    """Milliseconds of forward, loss, backward and clip + AdamW in one train.train_step-like step."""
+    """Milliseconds of forward, loss, backward and clip + AdamW in one step, made of train.train_step's parts."""
     device, marks = images.device, [time.perf_counter()]
 
     def mark() -> None:
@@ -98,14 +98,9 @@ def phase_times(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tenso
     mark()
     loss = bce_dice_loss(logits, masks)
     mark()
-    opt.optimizer.zero_grad(set_to_none=True)
-    opt.scaler.scale(loss).backward()
+    opt.backward(loss)
     mark()
-    if clip_grad > 0:  # the rest as train.train_step does it
-        opt.scaler.unscale_(opt.optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    opt.scaler.step(opt.optimizer)
-    opt.scaler.update()
+    opt.step(model, clip_grad)
     mark()
     names = ("forward", "loss", "backward", "clip + AdamW step")
     return {name: 1e3 * (b - a) for name, a, b in zip(names, marks, marks[1:])}
