@@ -10,6 +10,7 @@
 # The epochs and sizes follow the CPU class (CPU_CLASS, as utils.cpu_has_bf16_units finds it), to fit 30 minutes:
 #   bf16: bf16 units (bf16 autocast): 16 epochs at 256x384 (about 45 s each on a 2-core Zen 4), then 9 at 384x576,
 #         where a pixel is 3.3 photo pixels, not 5; scored at 384x576 448x672 512x768.
+#         A slower bf16 CPU (a 2-core Intel Xeon with AMX: about 50 min) fits SIZE1=160x240 EPOCHS1=8 EPOCHS2=7.
 #   avx2: AVX2 only (fp32, 3-5x the time a step): 7 epochs at 160x240, then 3 at 320x480 (22 min on a 2-core Zen 2);
 #         scored at 320x480 384x576 416x624. A faster AVX2 CPU fits EPOCHS1=10 SIZE1=192x288 (26 min held to AVX2).
 # Knobs (environment), for the ablation in BENCHMARKS.md: CPU_CLASS (bf16 or avx2), EPOCHS1, EPOCHS2, SIZE1, SIZE2
