@@ -148,9 +148,13 @@ def test_cpu_recipe_on_avx2_trains_less_and_refuses_an_unknown_class(tmp_path):
     bf16_first, _ = train.parse_args(recipe_commands(tmp_path / "bf16", CPU_CLASS="bf16")[0][1:])
     assert first.epochs < bf16_first.epochs  # fp32 steps cost 3-5x: fewer epochs fit 30 minutes
     assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
-        (160, 240, 7, 320, 480, 3)
+        (192, 288, 8, 384, 576, 6)
+    assert first.features == second.features == [8, 16, 32, 64, 128, 256]  # a fp32 step 2-3x cheaper than 16..256
     assert second.init == str(tmp_path / "runs" / "stage1" / "last.pt") and second.edge_weight == 5
-    assert all(h % 16 == 0 and w % 16 == 0 for h, w in evaluate.parse_args(evaluation[1:]).size)  # five levels
+    stride = 2 ** (len(second.features) - 1)  # six levels: every size a multiple of 32, so nothing is padded
+    assert all(h % stride == 0 and w % stride == 0 for h, w in evaluate.parse_args(evaluation[1:]).size)
+    z2c = recipe_commands(tmp_path / "z2c", CPU_CLASS="avx2", FEATURES="16 32 64 128 256")
+    assert train.parse_args(z2c[0][1:])[0].features == [16, 32, 64, 128, 256]  # FEATURES overrides the class's UNet
     refused = subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_recipe.sh"), "DATA", str(tmp_path / "x")],
                              env={**os.environ, "CPU_CLASS": "sse"}, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "CPU_CLASS must be bf16 or avx2, not 'sse'" in refused.stderr
