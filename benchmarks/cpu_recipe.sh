@@ -14,8 +14,8 @@
 #         A slower bf16 CPU (a 2-core Intel Xeon with AMX: about 50 min) fits SIZE1=160x240 EPOCHS1=8 EPOCHS2=7.
 #   avx2: AVX2 only (fp32): six levels half as wide (8..256), whose fp32 step costs 2-3x less than five levels':
 #         8 epochs at 192x288, then 6 at 384x576 (about 23 min on a 2-core Zen 2, estimated from an emulation);
-#         scored as bf16. The measured Zen 2 schedule before it (22.2 min, 0.9894): FEATURES="16 32 64 128 256"
-#         SIZE1=160x240 EPOCHS1=7 SIZE2=320x480 EPOCHS2=3 SIZES="320x480 384x576 416x624".
+#         scored at bf16's inputs. The Zen 2's measured schedule before it (22.2 min, 0.9894):
+#         FEATURES="16 32 64 128 256" SIZE1=160x240 EPOCHS1=7 SIZE2=320x480 EPOCHS2=3 SIZES="320x480 384x576 416x624".
 # Knobs (environment), for the ablation in BENCHMARKS.md: CPU_CLASS (bf16 or avx2), EPOCHS1, EPOCHS2, SIZE1, SIZE2
 # (HxW), LR1 (1.5e-3), LR2 (5e-4), EDGE (5: --edge-weight of stage 2), AUG2 (stage 2's augmentation flags, e.g. the
 # first place's "--shift 0.0625 --zoom 0.91 1.21 --rotate 7 --grey 0.1"; default none: train.py's ranges), FEATURES
