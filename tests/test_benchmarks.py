@@ -151,8 +151,8 @@ def test_cpu_recipe_on_avx2_trains_less_and_refuses_an_unknown_class(tmp_path):
         (192, 288, 8, 384, 576, 6)
     assert first.features == second.features == [8, 16, 32, 64, 128, 256]  # a fp32 step 2-3x cheaper than 16..256
     assert second.init == str(tmp_path / "runs" / "stage1" / "last.pt") and second.edge_weight == 5
-    stride = 2 ** (len(second.features) - 1)  # six levels: every size a multiple of 32, so nothing is padded
-    assert all(h % stride == 0 and w % stride == 0 for h, w in evaluate.parse_args(evaluation[1:]).size)
+    # six levels halve a size six times: multiples of 32 leave only the deepest halving to round (model._pad_to)
+    assert all(h % 32 == 0 and w % 32 == 0 for h, w in evaluate.parse_args(evaluation[1:]).size)
     z2c = recipe_commands(tmp_path / "z2c", CPU_CLASS="avx2", FEATURES="16 32 64 128 256")
     assert train.parse_args(z2c[0][1:])[0].features == [16, 32, 64, 128, 256]  # FEATURES overrides the class's UNet
     refused = subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_recipe.sh"), "DATA", str(tmp_path / "x")],
