@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -61,8 +62,28 @@ def _rank_main(rank: int, program: str, argv: list[str], port: int, record_dir: 
     torch.set_num_threads(1)  # two ranks share this machine's cores
     record(Path(record_dir), rank)
     code = {"train": train.main, "evaluate": evaluate.main}[program](argv)
+    (Path(record_dir) / f"threads-{rank}.json").write_text(json.dumps(gloo_threads()))
     if code != 0:
         raise SystemExit(code)
+
+
+def gloo_threads() -> list[str] | None:
+    """The names of this process's gloo threads (None where /proc does not list threads)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+    return [name for name in names if "gloo" in name]
+
+
+def assert_group_ended(records: Path) -> None:
+    """No rank has gloo threads left after main returned: still running at the interpreter's exit, they abort it
+    now and then (SIGABRT, after the run's work is done)."""
+    for rank in range(WORLD_SIZE):
+        threads = load_json(records / f"threads-{rank}.json")
+        if threads is None:
+            pytest.skip("no /proc/self/task on this system to list threads")
+        assert threads == [], f"rank {rank}"
 
 
 def run_distributed(argv: list[str], record_dir: Path, program: str = "train") -> None:
@@ -93,7 +114,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     return data, root / "run", root / "train-records"
 
 
-def load_json(path: Path) -> dict[str, float]:
+def load_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
@@ -105,6 +126,10 @@ def test_parameters_are_identical_across_ranks_after_training(ddp_run):
         assert torch.equal(rank0[name], rank1[name]), name
     saved = train.utils.load_checkpoint(run / "last.pt")["model"]
     assert all(torch.equal(saved[name], rank0[name]) for name in rank0)  # what rank 0 saved
+
+
+def test_the_process_group_ends_with_training(ddp_run):
+    assert_group_ended(ddp_run[2])
 
 
 def assert_same_metrics(distributed: dict[str, float], single: dict[str, float], images: int = 15) -> None:
@@ -139,6 +164,7 @@ def test_distributed_evaluate_matches_single_process(ddp_run, tmp_path, monkeypa
                     records, program="evaluate")
     single = evaluate_single_process(data, run)
     assert_same_metrics(load_json(records / "metrics-0.json"), single)
+    assert_group_ended(records)
 
 
 def test_a_rank_without_validation_images_neither_hangs_nor_miscounts(tmp_path, monkeypatch):
