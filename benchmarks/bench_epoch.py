@@ -160,7 +160,8 @@ def main() -> None:
                  *(["–"] if "baseline" in sides else [])])
     if "baseline" in sides and len(runs) > 1:
         rows.append(dice_summary_row(runs))
-    header = ["measurement", *sides, *(["speed-up: baseline / project (median of repeats)"] if "baseline" in sides else [])]
+    speed_up = ["speed-up: baseline / project (median of repeats)"] if "baseline" in sides else []
+    header = ["measurement", *sides, *speed_up]
     info["load_average_end"] = common.load_average()
     epochs = train.parse_args(opts.train_flags)[0].epochs if "--epochs" in opts.train_flags else 1
     print(f"train.py for {epochs} epoch{'s' if epochs > 1 else ''} on {n_images} images ({opts.cars or 'all'} cars, "

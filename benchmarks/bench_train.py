@@ -115,8 +115,8 @@ def report(opts: argparse.Namespace, info: dict[str, Any], steps: list[dict[str,
          common.fmt(med["project"]["peak_memory_mb"], 0), common.ratio_text(ratio["peak_memory_mb"])],
         ["MFU (of the peak below)", _pct(mfu["baseline"]), _pct(mfu["project"]),
          common.ratio_text(ratio["img_s"])],
-        [f"fraction of the {gemm_name} GEMM rate measured beside it", _pct(of_gemm["baseline"]), _pct(of_gemm["project"]),
-         common.ratio_text(ratio["img_s"])],
+        [f"fraction of the {gemm_name} GEMM rate measured beside it", _pct(of_gemm["baseline"]),
+         _pct(of_gemm["project"]), common.ratio_text(ratio["img_s"])],
     ]
     head = (f"UNet {opts.features} at {opts.height}x{opts.width}, batch {opts.batch_size}, on {info['device']}; "
             f"median of {opts.pairs} pairs ({opts.steps} timed steps after {opts.warmup} warm-up each).\n"
@@ -138,7 +138,8 @@ def _pct(value: float | None) -> str:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench_loader.add_loader_args(p)  # --data-dir --height --width --batch-size --workers --images --pairs --device --json
+    # --data-dir --height --width --batch-size --workers --images --pairs --device --json
+    bench_loader.add_loader_args(p)
     p.add_argument("--features", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--steps", type=int, default=5, help="timed training steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (oneDNN/cuDNN algorithm choice)")

@@ -28,7 +28,8 @@ from task import bce_dice_loss
 Gradients = dict[str, torch.Tensor]
 
 
-def batch_of(pairs: Sequence[tuple[Path, Path]], height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_of(pairs: Sequence[tuple[Path, Path]], height: int, width: int,
+             seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, masks) of these pairs through the training transforms, augmented reproducibly."""
     data = ds.SegmentationDataset(pairs, height, width, ds.train_transforms(height, width))
     images, masks = zip(*(data[(i, seed + i)] for i in range(len(pairs))))

@@ -99,7 +99,8 @@ def test_profile_step_splits_the_step_and_rates_the_convolutions(tiny_data, tmp_
     assert report["amp"] == "float32" and not report["channels_last"]
     assert set(report["phase_ms"]) == {"forward", "loss", "backward", "clip + AdamW step"}
     kinds = report["kind_ms"]
-    assert min(kinds["convolutions, forward"], kinds["convolutions, backward"], kinds["BatchNorm, forward and backward"]) > 0
+    assert min(kinds["convolutions, forward"], kinds["convolutions, backward"],
+               kinds["BatchNorm, forward and backward"]) > 0
     # the backward pass computes both the input's and the weights' gradients: about twice the forward FLOPs
     assert 1.5 < report["conv_flops"]["backward"] / report["conv_flops"]["forward"] < 2.5
     assert report["loader_ms_per_batch"] > 0 and "% of the GEMM" in out

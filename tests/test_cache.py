@@ -52,7 +52,8 @@ def test_training_loader_workers_run_opencv_single_threaded(tmp_path):
     threads = cv2.getNumThreads()
     cv2.setNumThreads(4)
     try:
-        cv2.warpAffine(np.zeros((512, 512), np.uint8), np.eye(2, 3), (512, 512))  # the pool in use, as after --workers 0
+        # the pool in use, as after --workers 0
+        cv2.warpAffine(np.zeros((512, 512), np.uint8), np.eye(2, 3), (512, 512))
         train.make_loader(ds.find_pairs(data), args, train.Setup.create(args), train=True)
         # Its workers fork from this process: they must see one thread, and must not hang getting there.
         probe = torch.utils.data.DataLoader(_OpenCVThreads(), num_workers=1, timeout=60)

@@ -31,7 +31,8 @@ TIMEOUT_S = 120
 
 
 def record(record_dir: Path, rank: int) -> None:
-    """Wrap train.train_one_epoch, train.evaluate and evaluate.py's evaluation to save each rank's weights and metrics."""
+    """Wrap train.train_one_epoch, train.evaluate and evaluate.py's evaluation to save each rank's weights and
+    metrics."""
     train_one_epoch, validate = train.train_one_epoch, train.evaluate
     evaluate_sizes = evaluate.evaluate_at_training_and_original_size
 
