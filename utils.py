@@ -249,9 +249,10 @@ def process_group() -> Iterator[tuple[int, int, int]]:
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         yield 0, 1, 0
         return
-    # Imported before the group starts, not lazily where the report draws: importing torch._dynamo (which
-    # torchvision imports) while a group lives keeps it referenced past destroy_process_group, and its gloo
-    # threads, still running at the interpreter's exit, then abort it now and then (SIGABRT).
+    # Imported before the group starts, not lazily where the report draws: importing torchvision while a group
+    # lives keeps the group referenced past destroy_process_group (torch._dynamo, which it imports, does so alone
+    # too, but importing only that first still leaves train.py's group alive), and its gloo threads, still running
+    # at the interpreter's exit, then abort it now and then (SIGABRT).
     import torchvision.utils  # noqa: F401
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)

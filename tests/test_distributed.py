@@ -174,3 +174,4 @@ def test_a_rank_without_validation_images_neither_hangs_nor_miscounts(tmp_path, 
     run_distributed(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY], records)
     single = evaluate_single_process(data, tmp_path / "run")
     assert_same_metrics(load_json(records / "metrics-1.json"), single, images=1)
+    assert_group_ended(records)
