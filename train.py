@@ -200,41 +200,42 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
         return checkpoint_state(net, opt, epoch, best_dice, args, split, rows, progress)
 
     preview = list(range(min(args.num_predictions, len(val_pairs))))
-    for epoch in range(start_epoch, args.epochs + 1):
-        started = time.perf_counter()
-        try:
-            train_loss = train_one_epoch(model, train_loader, opt, setup, args, epoch, progress)
-        except StopRequested as stop:
+    writer = utils.CheckpointWriter()  # a checkpoint goes to disk while the next epoch trains
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            started = time.perf_counter()
+            try:
+                train_loss = train_one_epoch(model, train_loader, opt, setup, args, epoch, progress)
+            except StopRequested as stop:
+                if setup.is_main:
+                    writer.save(checkpoint(epoch - 1, stop.progress), out_dir / "last.pt")
+                    print(f"\nstopped by signal at step {stop.progress['step']} of epoch {epoch}; saved "
+                          f"{out_dir / 'last.pt'}. Resume with: python train.py --resume {out_dir}", file=sys.stderr)
+                return 130
+            progress = None
+            val = evaluate(model if setup.world_size == 1 else utils.sync_buffers_from_rank0(net), val_loader, setup)
+            seconds = time.perf_counter() - started
+            improved = val["dice"] > best_dice
+            best_dice = max(best_dice, val["dice"])
             if setup.is_main:
-                utils.save_checkpoint(checkpoint(epoch - 1, stop.progress), out_dir / "last.pt")
-                print(f"\nstopped by signal at step {stop.progress['step']} of epoch {epoch}; saved "
-                      f"{out_dir / 'last.pt'}. Resume with: python train.py --resume {out_dir}", file=sys.stderr)
-            return 130
-        progress = None
-        val = evaluate(model if setup.world_size == 1 else utils.sync_buffers_from_rank0(net), val_loader, setup)
-        seconds = time.perf_counter() - started
-        improved = val["dice"] > best_dice
-        best_dice = max(best_dice, val["dice"])
-        if setup.is_main:
-            rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
-                         "val_iou": val["iou"], "val_acc": val["acc"], "lr": opt.scheduler.get_last_lr()[0],
-                         "seconds": seconds})
-            saved = checkpoint(epoch)
-            utils.save_checkpoint(saved, out_dir / "last.pt")
-            if improved:
-                utils.save_checkpoint(saved, out_dir / "best.pt")
-                if preview:
+                rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
+                             "val_iou": val["iou"], "val_acc": val["acc"], "lr": opt.scheduler.get_last_lr()[0],
+                             "seconds": seconds})
+                writer.save(checkpoint(epoch), out_dir / "last.pt", links=[out_dir / "best.pt"] if improved else [])
+                if improved and preview:
                     save_predictions(net, val_loader.dataset, preview, out_dir / "predictions", setup)
-            utils.write_metrics_csv(rows, out_dir / "metrics.csv")
-            utils.plot_curves(rows, out_dir / "curves.png")
-            print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
-                  f"{setup.task.describe(val)}  [{val['images']} images at {args.height}x{args.width}]  "
-                  f"{seconds:.1f}s{'  (best)' if improved else ''}", flush=True)
-        if epoch < args.epochs and stop_requested(setup):
-            if setup.is_main:
-                print(f"\nstopped by signal after epoch {epoch}; {out_dir / 'last.pt'} holds it. "
-                      f"Resume with: python train.py --resume {out_dir}", file=sys.stderr)
-            return 130
+                utils.write_metrics_csv(rows, out_dir / "metrics.csv")
+                utils.plot_curves(rows, out_dir / "curves.png")
+                print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
+                      f"{setup.task.describe(val)}  [{val['images']} images at {args.height}x{args.width}]  "
+                      f"{seconds:.1f}s{'  (best)' if improved else ''}", flush=True)
+            if epoch < args.epochs and stop_requested(setup):
+                if setup.is_main:
+                    print(f"\nstopped by signal after epoch {epoch}; {out_dir / 'last.pt'} holds it. "
+                          f"Resume with: python train.py --resume {out_dir}", file=sys.stderr)
+                return 130
+    finally:
+        writer.wait()  # the last checkpoint is on disk before the run stops, fails or scores it
     if dist.is_initialized():
         dist.barrier()  # rank 0 has written the checkpoints
     # A run resumed into a new folder has no best.pt there unless it improved on the checkpoint's best (nor a

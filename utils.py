@@ -13,8 +13,10 @@ import multiprocessing
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
 
@@ -133,6 +135,72 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write a checkpoint atomically: a kill or a full disk mid-save leaves the old file intact."""
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
+
+
+def replace_with_link(source: Path, path: Path) -> None:
+    """Make `path` hold what `source` holds, atomically: a hard link, not a second write of the file (a copy where
+    the filesystem has no hard links). Safe because files here are only ever replaced (atomic_write), never changed
+    in place, so a later write of `source` leaves `path` as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        with atomic_write(path, "wb") as f, open(source, "rb") as original:
+            shutil.copyfileobj(original, f)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cpu_copy(state: Any) -> Any:
+    """A copy of a checkpoint's state whose tensors are copies in CPU memory: training goes on changing the
+    originals while the copy is written."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        copy = type(state)((key, cpu_copy(value)) for key, value in state.items())
+        if hasattr(state, "_metadata"):  # a module's state_dict keeps its layers' versions there
+            copy._metadata = state._metadata
+        return copy
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(value) for value in state)
+    return state
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, one at a time, so that training goes on while a large model's
+    checkpoint goes to disk: save() copies the state to CPU memory and returns. torch.save releases the GIL
+    while it writes. A failed write is raised by the next save() or by wait()."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any], path: Path, links: Sequence[Path] = ()) -> None:
+        """Write state to path (atomically), then make each of links the same file (best.pt: replace_with_link)."""
+        self.wait()
+        copy = cpu_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(copy, Path(path), [Path(p) for p in links]),
+                                        name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, state: dict[str, Any], path: Path, links: list[Path]) -> None:
+        try:
+            save_checkpoint(state, path)
+            for link in links:
+                replace_with_link(path, link)
+        except BaseException as e:  # raised in the training thread by the next save() or wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the last save is on disk; raise its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

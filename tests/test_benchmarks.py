@@ -68,6 +68,15 @@ def test_bench_optimizer_times_both_adamw_kernels_on_the_same_unet():
     assert all(float(row[2]) > 0 and float(row[3]) > 0 and row[4].endswith("x |") for row in rows)
 
 
+def test_bench_checkpoint_times_both_ways_of_saving_and_leaves_nothing_behind(tmp_path):
+    folder = tmp_path / "saves"
+    out = run_script("benchmarks/bench_checkpoint.py", "--features", "4", "8", "--repeats", "2", "--dir", str(folder))
+    cells = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    rows = {row[0]: [float(seconds) for seconds in row[1:]] for row in cells[1:]}  # below the header
+    assert rows.keys() == {"before: two synchronous saves", "the writer"}
+    assert all(blocked >= 0 and blocked <= on_disk for blocked, on_disk in rows.values())
+    assert not folder.exists()  # its files removed
+
 def test_gpu_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
 
