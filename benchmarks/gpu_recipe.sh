@@ -7,8 +7,14 @@
 #                ../shared/device/wheels.sh      # albumentations' wheels into .whl/
 #   there:       bash benchmarks/gpu_recipe.sh data/shared-carvana    (carry .whl and data/shared-carvana)
 #
-# Knobs (environment): EPOCHS (60), BATCH (4), CROP (none; e.g. 640x960 for a GPU of 8-16 GB), OUT (./gpu-recipe),
-# and for a CPU smoke run of the script: SIZE (1280x1918), FEATURES ("32 64 128 256 512 1024"), DEVICE (auto).
+# Knobs (environment): MINUTES (10: the training budget; benchmarks/recipe_epochs.py times a few steps first and
+# picks the epochs that fit it), EPOCHS (instead of MINUTES: a fixed count), BATCH (4), CROP (none; e.g. 640x960 for
+# a GPU of 8-16 GB), OUT (./gpu-recipe), and for a CPU smoke run of the script: SIZE (1280x1918), FEATURES ("32 64
+# 128 256 512 1024"), DEVICE (auto).
+# On a lent H200, whose commands stop after 10 minutes, one call fits with MINUTES=6 (start-up, the probe and the
+# two scorings take about 3 more), after a check of the training step that issue 13 asks to keep:
+#   python3 benchmarks/bench_train.py --device cuda --height 1280 --width 1918 --batch-size 4 --images 0 --pairs 1 \
+#       --steps 5 --warmup 3 | tee "$OUT/step.md"; OUT=$OUT MINUTES=6 bash benchmarks/gpu_recipe.sh data/shared-carvana
 # Results in $OUT: train.log, evaluate.log, metrics.csv, per_image.csv, recipe.md (time, memory, Dice, and the
 # time of an epoch of the full Kaggle training set, estimated from the measured images per second).
 set -euo pipefail
@@ -25,7 +31,12 @@ rm -rf "$RUN"
 SIZE=${SIZE:-1280x1918}
 read -r -a FEATURES <<< "${FEATURES:-32 64 128 256 512 1024}"
 RECIPE=(--height "${SIZE%x*}" --width "${SIZE#*x}" --features "${FEATURES[@]}" --batch-size "${BATCH:-4}"
-        --epochs "${EPOCHS:-60}" --lr 1e-3 --edge-weight 3 --val-cars 4 ${CROP:+--crop "$CROP"})
+        --lr 1e-3 --edge-weight 3 --val-cars 4 ${CROP:+--crop "$CROP"})
+if [ -z "${EPOCHS:-}" ]; then  # as many as fit MINUTES at the rate of a few measured steps
+  EPOCHS=$(python3 benchmarks/recipe_epochs.py --minutes "${MINUTES:-10}" -- --data-dir "$DATA" "${RECIPE[@]}" \
+    --device "${DEVICE:-auto}" 2> >(tee "$OUT/probe.log" >&2) | tail -1)
+fi
+RECIPE+=(--epochs "$EPOCHS")
 echo "python train.py --data-dir $DATA ${RECIPE[*]}" > "$OUT/recipe.md"
 start=$(date +%s)
 python3 train.py --data-dir "$DATA" "${RECIPE[@]}" --num-predictions 0 --device "${DEVICE:-auto}" \
@@ -47,7 +58,9 @@ print(f"epochs {len(rows)}, training {sum(seconds) / 60:.1f} min (wall clock wit
       f"scoring {int(sys.argv[2]) / 60:.1f} min), median epoch {steady:.1f} s = {images / steady:.1f} img/s "
       f"({images} training images, validation included)")
 epoch = 4064 / (images / steady) / 60  # --val-cars 0.2 holds out 64 of the 318 cars: 4064 of 5088 photos train
+full_epochs = max(1, round(len(rows) * images / 4064))  # as many steps as this run
 print(f"full Kaggle training set, 4064 of its 5088 photos trained on: about {epoch:.1f} min an epoch, "
-      f"{6 * epoch:.0f} min for the README's 6 epochs (validating 1024 photos each epoch is extra)")
+      f"{full_epochs * epoch:.0f} min for {full_epochs} epochs, as many steps as this run's {len(rows)} "
+      f"(validating 1024 photos each epoch is extra)")
 PY
 cat "$OUT/recipe.md"

@@ -1,0 +1,54 @@
+"""How many epochs of a train.py command fit a training budget on this device, from a short measured probe.
+
+    python benchmarks/recipe_epochs.py --minutes 10 -- --data-dir DIR --height 1280 --width 1918 --batch-size 4 ...
+
+Times train.py's training step for the command's UNet, size and batch on a fixed batch (bench_train.py's
+measurement, a few seconds on a GPU), counts the photos the command's split trains and validates on, and prints
+the number of epochs whose estimated time fits: each training photo at the probe's rate, each validation photo at a
+third of that (a forward pass), times --margin for the loader, the fp32 warm-up steps and the checkpoints. The
+estimate goes to stderr, the number alone to stdout: benchmarks/gpu_recipe.sh runs this when EPOCHS is not given,
+so that a lent GPU's run fits the time it has.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import bench_train
+import dataset as ds
+import train
+
+
+def epochs_that_fit(minutes: float, images_per_second: float, train_images: int, val_images: int,
+                    margin: float) -> tuple[int, float]:
+    """(epochs, estimated seconds an epoch): at least one epoch, as many as fit in the minutes."""
+    epoch_seconds = margin * (train_images + val_images / 3) / images_per_second
+    return max(1, math.floor(minutes * 60 / epoch_seconds)), epoch_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, required=True, help="the training budget (the sum of the epochs)")
+    parser.add_argument("--margin", type=float, default=1.15,
+                        help="estimated epoch time over the steps' own (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of the probe (default: %(default)s)")
+    parser.add_argument("train_flags", nargs=argparse.REMAINDER, help="train.py's flags, after --")
+    opts = parser.parse_args()
+    flags = opts.train_flags[1:] if opts.train_flags[:1] == ["--"] else opts.train_flags
+    args, _ = train.parse_args(flags)
+    pairs = ds.find_pairs(args.data_dir)
+    train_groups, val_groups = ds.split_by_group(pairs, args.val_cars, args.seed)
+    train_images, val_images = len(ds.pairs_of_groups(pairs, train_groups)), len(ds.pairs_of_groups(pairs, val_groups))
+    probe = argparse.Namespace(height=args.height, width=args.width, batch_size=args.batch_size, workers=args.workers,
+                               features=args.features, device=args.device, warmup=3, steps=opts.steps, compile=False)
+    images_per_second = bench_train.measure_steps(probe, "project")["img_s"]
+    epochs, epoch_seconds = epochs_that_fit(opts.minutes, images_per_second, train_images, val_images, opts.margin)
+    print(f"probe: {images_per_second:.1f} training img/s at {args.height}x{args.width}, batch {args.batch_size}, "
+          f"UNet {args.features}; {train_images} training and {val_images} validation photos: about "
+          f"{epoch_seconds:.1f} s an epoch, so {epochs} epochs fit {opts.minutes:g} minutes", file=sys.stderr)
+    print(epochs)
+
+
+if __name__ == "__main__":
+    main()
