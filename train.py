@@ -209,6 +209,7 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
             except StopRequested as stop:
                 if setup.is_main:
                     writer.save(checkpoint(epoch - 1, stop.progress), out_dir / "last.pt")
+                    writer.wait()
                     print(f"\nstopped by signal at step {stop.progress['step']} of epoch {epoch}; saved "
                           f"{out_dir / 'last.pt'}. Resume with: python train.py --resume {out_dir}", file=sys.stderr)
                 return 130
@@ -230,12 +231,15 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
                       f"{setup.task.describe(val)}  [{val['images']} images at {args.height}x{args.width}]  "
                       f"{seconds:.1f}s{'  (best)' if improved else ''}", flush=True)
             if epoch < args.epochs and stop_requested(setup):
+                writer.wait()
                 if setup.is_main:
                     print(f"\nstopped by signal after epoch {epoch}; {out_dir / 'last.pt'} holds it. "
                           f"Resume with: python train.py --resume {out_dir}", file=sys.stderr)
                 return 130
-    finally:
-        writer.wait()  # the last checkpoint is on disk before the run stops, fails or scores it
+    except BaseException:
+        writer.wait(raise_error=False)  # finish the write in flight; the loop's own error is the one to report
+        raise
+    writer.wait()  # the last checkpoint is on disk before the run scores it
     if dist.is_initialized():
         dist.barrier()  # rank 0 has written the checkpoints
     # A run resumed into a new folder has no best.pt there unless it improved on the checkpoint's best (nor a

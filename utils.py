@@ -155,7 +155,7 @@ def replace_with_link(source: Path, path: Path) -> None:
 
 def cpu_copy(state: Any) -> Any:
     """A copy of a checkpoint's state whose tensors are copies in CPU memory: training goes on changing the
-    originals while the copy is written."""
+    originals while the copy is written. Dicts, lists and tuples are copied; other values must be immutable."""
     if isinstance(state, torch.Tensor):
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
@@ -171,7 +171,7 @@ def cpu_copy(state: Any) -> Any:
 class CheckpointWriter:
     """Writes checkpoints in a background thread, one at a time, so that training goes on while a large model's
     checkpoint goes to disk: save() copies the state to CPU memory and returns. torch.save releases the GIL
-    while it writes. A failed write is raised by the next save() or by wait()."""
+    while it writes. A failed write is announced on stderr at once and raised by the next save() or wait()."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
@@ -192,14 +192,16 @@ class CheckpointWriter:
                 replace_with_link(path, link)
         except BaseException as e:  # raised in the training thread by the next save() or wait()
             self._error = e
+            print(f"\nwarning: could not write {path}: {one_line(e)}; the run stops at the end of this epoch",
+                  file=sys.stderr)
 
-    def wait(self) -> None:
-        """Block until the last save is on disk; raise its error, if it failed."""
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the last save is on disk; raise its error, if it failed (else it was only announced)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
             raise error
 
 

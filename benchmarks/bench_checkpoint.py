@@ -80,7 +80,7 @@ def main() -> None:
     print(f"UNet {opts.features} ({parameters / 1e6:.1f} M parameters), a checkpoint of {size_gb:.2f} GB from "
           f"{device}, written into {opts.dir}; median of {opts.repeats} saves of last.pt and best.pt per side.")
     print(f"machine: {common.machine(device)}; {utils.device_name(torch.device('cpu'))}\n")
-    rows = [[side, common.fmt(common.median([t[0] for t in runs]), 2), common.fmt(common.median([t[1] for t in runs]), 2)]
+    rows = [[side, *(common.fmt(common.median([t[i] for t in runs]), 2) for i in (0, 1))]
             for side, runs in times.items()]
     print(common.markdown_table(["side", "training blocked (s)", "until both files are on disk (s)"], rows))
 

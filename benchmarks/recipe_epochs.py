@@ -5,26 +5,48 @@
 Times train.py's training step for the command's UNet, size and batch on a fixed batch (bench_train.py's
 measurement, a few seconds on a GPU), counts the photos the command's split trains and validates on, and prints
 the number of epochs whose estimated time fits: each training photo at the probe's rate, each validation photo at a
-third of that (a forward pass), times --margin for the loader, the fp32 warm-up steps and the checkpoints. The
-estimate goes to stderr, the number alone to stdout: benchmarks/gpu_recipe.sh runs this when EPOCHS is not given,
-so that a lent GPU's run fits the time it has.
+third of that (a forward pass), times --margin for the loader, the fp32 warm-up steps and the loss's extras, plus
+the copy of the UNet's checkpoint to CPU memory (timed too). The checkpoint's write, timed into --dir, overlaps the
+next epoch, so an epoch takes at least that long. The estimate goes to stderr, the number alone to stdout:
+benchmarks/gpu_recipe.sh runs this when EPOCHS is not given, so that a lent GPU's run fits the time it has.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+import time
+from pathlib import Path
 
+import bench_checkpoint
 import bench_train
 import dataset as ds
 import train
+import utils
 
 
-def epochs_that_fit(minutes: float, images_per_second: float, train_images: int, val_images: int,
-                    margin: float) -> tuple[int, float]:
-    """(epochs, estimated seconds an epoch): at least one epoch, as many as fit in the minutes."""
-    epoch_seconds = margin * (train_images + val_images / 3) / images_per_second
+def epochs_that_fit(minutes: float, images_per_second: float, train_images: int, val_images: int, margin: float,
+                    checkpoint_seconds: tuple[float, float] = (0.0, 0.0)) -> tuple[int, float]:
+    """(epochs, estimated seconds an epoch): at least one epoch, as many as fit in the minutes.
+    checkpoint_seconds: (the copy to CPU memory, which blocks; the write, which overlaps the next epoch)."""
+    copy, write = checkpoint_seconds
+    epoch_seconds = max(margin * (train_images + val_images / 3) / images_per_second + copy, write)
     return max(1, math.floor(minutes * 60 / epoch_seconds)), epoch_seconds
+
+
+def time_checkpoint(args: argparse.Namespace, folder: Path) -> tuple[float, float]:
+    """(seconds, seconds) that the copy to CPU memory and the write of this UNet's checkpoint take."""
+    state = bench_checkpoint.checkpoint_of(args.features, utils.select_device(args.device))
+    start = time.perf_counter()
+    copy = utils.cpu_copy(state)
+    copied = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".recipe-epochs-probe.pt"
+    try:
+        utils.save_checkpoint(copy, path)
+    finally:
+        path.unlink(missing_ok=True)
+    return copied - start, time.perf_counter() - copied
 
 
 def main() -> None:
@@ -33,6 +55,7 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=1.15,
                         help="estimated epoch time over the steps' own (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps of the probe (default: %(default)s)")
+    parser.add_argument("--dir", default="runs", help="where to time a checkpoint's write (default: %(default)s)")
     parser.add_argument("train_flags", nargs=argparse.REMAINDER, help="train.py's flags, after --")
     opts = parser.parse_args()
     flags = opts.train_flags[1:] if opts.train_flags[:1] == ["--"] else opts.train_flags
@@ -43,10 +66,14 @@ def main() -> None:
     probe = argparse.Namespace(height=args.height, width=args.width, batch_size=args.batch_size, workers=args.workers,
                                features=args.features, device=args.device, warmup=3, steps=opts.steps, compile=False)
     images_per_second = bench_train.measure_steps(probe, "project")["img_s"]
-    epochs, epoch_seconds = epochs_that_fit(opts.minutes, images_per_second, train_images, val_images, opts.margin)
+    copy, write = time_checkpoint(args, Path(opts.dir))
+    epochs, epoch_seconds = epochs_that_fit(opts.minutes, images_per_second, train_images, val_images, opts.margin,
+                                            (copy, write))
+    fits = "fit" if epochs * epoch_seconds <= opts.minutes * 60 else "(at least one, over the budget) take"
     print(f"probe: {images_per_second:.1f} training img/s at {args.height}x{args.width}, batch {args.batch_size}, "
-          f"UNet {args.features}; {train_images} training and {val_images} validation photos: about "
-          f"{epoch_seconds:.1f} s an epoch, so {epochs} epochs fit {opts.minutes:g} minutes", file=sys.stderr)
+          f"UNet {args.features}; checkpoint copy {copy:.2f} s, write {write:.2f} s; {train_images} training and "
+          f"{val_images} validation photos: about {epoch_seconds:.1f} s an epoch, so {epochs} epochs {fits} "
+          f"{opts.minutes:g} minutes", file=sys.stderr)
     print(epochs)
 
 

@@ -37,7 +37,8 @@ def test_error_messages_are_cut_to_one_bounded_line():
 
 def tiny_state(epoch: int) -> tuple[dict, UNet]:
     model = UNet(features=(4,))
-    return {"model": model.state_dict(), "model_config": model.config, "epoch": epoch, "metrics": [{"epoch": epoch}]}, model
+    state = {"model": model.state_dict(), "model_config": model.config, "epoch": epoch, "metrics": [{"epoch": epoch}]}
+    return state, model
 
 
 def test_checkpoint_writer_writes_the_state_as_it_was_when_saved(tmp_path, monkeypatch):
@@ -72,6 +73,8 @@ def test_best_keeps_its_epoch_when_last_is_written_again(tmp_path, monkeypatch, 
         monkeypatch.setattr(utils.os, "link", lambda *args: (_ for _ in ()).throw(OSError(1, "not permitted")))
     writer = utils.CheckpointWriter()
     writer.save(tiny_state(epoch=1)[0], tmp_path / "last.pt", links=[tmp_path / "best.pt"])
+    writer.wait()
+    assert (tmp_path / "best.pt").samefile(tmp_path / "last.pt") == hard_links  # one file, written once
     writer.save(tiny_state(epoch=2)[0], tmp_path / "last.pt")
     writer.wait()
     assert utils.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
@@ -80,9 +83,14 @@ def test_best_keeps_its_epoch_when_last_is_written_again(tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
 
 
-def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path):
+def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path, capsys):
     writer = utils.CheckpointWriter()
     writer.save(tiny_state(epoch=1)[0], tmp_path / "missing-folder" / "last.pt")
     with pytest.raises(FileNotFoundError):
         writer.wait()
     writer.wait()  # raised once; the writer goes on
+    writer.save(tiny_state(epoch=2)[0], tmp_path / "missing-folder" / "last.pt")
+    with pytest.raises(FileNotFoundError):  # by the next save, before it writes anything
+        writer.save(tiny_state(epoch=3)[0], tmp_path / "last.pt")
+    assert not (tmp_path / "last.pt").exists()
+    assert capsys.readouterr().err.count("warning: could not write") == 2  # each failure, as it happened

@@ -138,6 +138,28 @@ def test_interrupted_save_leaves_the_old_checkpoint_loadable(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_one_written(
+        synthetic_dir, tmp_path, monkeypatch, capsys):
+    """Checkpoints go to disk while the next epoch trains: a failed write is announced at once and stops the run
+    at that epoch's end, with the last checkpoint that was written intact."""
+    out = tmp_path / "run"
+    calls = []
+    original = utils.save_checkpoint
+
+    def disk_full_after_epoch_1(state, path):
+        calls.append(state["epoch"])
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        original(state, path)
+
+    monkeypatch.setattr(utils, "save_checkpoint", disk_full_after_epoch_1)
+    with pytest.raises(OSError, match="No space left"):
+        train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "4", *TINY])
+    assert calls == [1, 2]  # epoch 3 trained while epoch 2's write failed, then stopped before saving
+    assert f"warning: could not write {out / 'last.pt'}: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert utils.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert utils.load_checkpoint(out / "best.pt")["epoch"] == 1
+
 class Payload:
     """Unpickling this runs code: it creates a file named by MARKER."""
     MARKER = None
