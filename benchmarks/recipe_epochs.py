@@ -69,11 +69,11 @@ def main() -> None:
     copy, write = time_checkpoint(args, Path(opts.dir))
     epochs, epoch_seconds = epochs_that_fit(opts.minutes, images_per_second, train_images, val_images, opts.margin,
                                             (copy, write))
-    fits = "fit" if epochs * epoch_seconds <= opts.minutes * 60 else "(at least one, over the budget) take"
     print(f"probe: {images_per_second:.1f} training img/s at {args.height}x{args.width}, batch {args.batch_size}, "
           f"UNet {args.features}; checkpoint copy {copy:.2f} s, write {write:.2f} s; {train_images} training and "
-          f"{val_images} validation photos: about {epoch_seconds:.1f} s an epoch, so {epochs} epochs {fits} "
-          f"{opts.minutes:g} minutes", file=sys.stderr)
+          f"{val_images} validation photos: about {epoch_seconds:.1f} s an epoch, so "
+          f"{utils.plural(epochs, 'epoch')}, about {epochs * epoch_seconds / 60:.1f} of the {opts.minutes:g} minutes",
+          file=sys.stderr)
     print(epochs)
 
 
