@@ -192,8 +192,8 @@ class CheckpointWriter:
                 replace_with_link(path, link)
         except BaseException as e:  # raised in the training thread by the next save() or wait()
             self._error = e
-            print(f"\nwarning: could not write {path}: {one_line(e)}; the run stops at the end of this epoch",
-                  file=sys.stderr)
+            print(f"\nwarning: could not write {path}: {one_line(e)}; the previous {path.name} is kept and the run "
+                  f"will stop", file=sys.stderr)
 
     def wait(self, raise_error: bool = True) -> None:
         """Block until the last save is on disk; raise its error, if it failed (else it was only announced)."""
