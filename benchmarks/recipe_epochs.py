@@ -6,16 +6,17 @@ Times train.py's training step for the command's UNet, size and batch on a fixed
 measurement, a few seconds on a GPU), counts the photos the command's split trains and validates on, and prints
 the number of epochs whose estimated time fits: each training photo at the probe's rate, each validation photo at a
 third of that (a forward pass), times --margin for the loader, the fp32 warm-up steps and the loss's extras, plus
-the copy of the UNet's checkpoint to CPU memory (timed too). The checkpoint's write, timed into --dir, overlaps the
-next epoch, so an epoch takes at least that long. The estimate goes to stderr, the number alone to stdout:
-benchmarks/gpu_recipe.sh runs this when EPOCHS is not given, so that a lent GPU's run fits the time it has.
+the copy of the UNet's checkpoint to CPU memory (train.py's writer, timed into --dir as bench_checkpoint.py times
+it). The checkpoint's write overlaps the next epoch, so an epoch takes at least that long. The estimate goes to
+stderr, the number alone to stdout: benchmarks/gpu_recipe.sh runs this when EPOCHS is not given, so that a lent
+GPU's run fits the time it has.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import bench_checkpoint
@@ -35,18 +36,12 @@ def epochs_that_fit(minutes: float, images_per_second: float, train_images: int,
 
 
 def time_checkpoint(args: argparse.Namespace, folder: Path) -> tuple[float, float]:
-    """(seconds, seconds) that the copy to CPU memory and the write of this UNet's checkpoint take."""
+    """(seconds, seconds) that train.py's checkpoint writer blocks and then writes for this UNet's checkpoint."""
     state = bench_checkpoint.checkpoint_of(args.features, utils.select_device(args.device))
-    start = time.perf_counter()
-    copy = utils.cpu_copy(state)
-    copied = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".recipe-epochs-probe.pt"
-    try:
-        utils.save_checkpoint(copy, path)
-    finally:
-        path.unlink(missing_ok=True)
-    return copied - start, time.perf_counter() - copied
+    with tempfile.TemporaryDirectory(prefix=".recipe-epochs-probe-", dir=folder) as probe:
+        blocked, on_disk = bench_checkpoint.with_writer(state, Path(probe))
+    return blocked, on_disk - blocked
 
 
 def main() -> None:
