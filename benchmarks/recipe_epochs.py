@@ -17,6 +17,7 @@ import argparse
 import math
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import bench_checkpoint
@@ -26,21 +27,51 @@ import train
 import utils
 
 
+def epoch_seconds(images_per_second: float, train_images: int, val_images: int, margin: float,
+                  checkpoint_seconds: tuple[float, float] = (0.0, 0.0)) -> float:
+    """Estimated seconds an epoch. checkpoint_seconds: (the copy to CPU memory, which blocks; the write, which
+    overlaps the next epoch)."""
+    copy, write = checkpoint_seconds
+    return max(margin * (train_images + val_images / 3) / images_per_second + copy, write)
+
+
 def epochs_that_fit(minutes: float, images_per_second: float, train_images: int, val_images: int, margin: float,
                     checkpoint_seconds: tuple[float, float] = (0.0, 0.0)) -> tuple[int, float]:
-    """(epochs, estimated seconds an epoch): at least one epoch, as many as fit in the minutes.
-    checkpoint_seconds: (the copy to CPU memory, which blocks; the write, which overlaps the next epoch)."""
-    copy, write = checkpoint_seconds
-    epoch_seconds = max(margin * (train_images + val_images / 3) / images_per_second + copy, write)
-    return max(1, math.floor(minutes * 60 / epoch_seconds)), epoch_seconds
+    """(epochs, estimated seconds an epoch): at least one epoch, as many as fit in the minutes."""
+    seconds = epoch_seconds(images_per_second, train_images, val_images, margin, checkpoint_seconds)
+    return max(1, math.floor(minutes * 60 / seconds)), seconds
+
+
+@dataclass
+class Probe:
+    """What an epoch of a train.py command costs here, from a few measured steps."""
+    images_per_second: float
+    checkpoint_seconds: tuple[float, float]
+    train_images: int
+    val_images: int
+
+    def epoch_seconds(self, margin: float) -> float:
+        return epoch_seconds(self.images_per_second, self.train_images, self.val_images, margin,
+                             self.checkpoint_seconds)
+
+
+def probe(args: argparse.Namespace, steps: int, folder: Path) -> Probe:
+    """Times train.py's step for args' UNet, size and batch, and its checkpoint (into folder); counts args' split."""
+    pairs = ds.find_pairs(args.data_dir)
+    train_groups, val_groups = ds.split_by_group(pairs, args.val_cars, args.seed)
+    train_images, val_images = len(ds.pairs_of_groups(pairs, train_groups)), len(ds.pairs_of_groups(pairs, val_groups))
+    timing = argparse.Namespace(height=args.height, width=args.width, batch_size=args.batch_size, workers=args.workers,
+                                features=args.features, device=args.device, warmup=3, steps=steps, compile=False)
+    images_per_second = bench_train.measure_steps(timing, "project")["img_s"]
+    return Probe(images_per_second, time_checkpoint(args, folder), train_images, val_images)
 
 
 def time_checkpoint(args: argparse.Namespace, folder: Path) -> tuple[float, float]:
     """(seconds, seconds) that train.py's checkpoint writer blocks and then writes for this UNet's checkpoint."""
     state = bench_checkpoint.checkpoint_of(args.features, utils.select_device(args.device))
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".recipe-epochs-probe-", dir=folder) as probe:
-        blocked, on_disk = bench_checkpoint.with_writer(state, Path(probe))
+    with tempfile.TemporaryDirectory(prefix=".recipe-epochs-probe-", dir=folder) as scratch:
+        blocked, on_disk = bench_checkpoint.with_writer(state, Path(scratch))
     return blocked, on_disk - blocked
 
 
@@ -55,20 +86,15 @@ def main() -> None:
     opts = parser.parse_args()
     flags = opts.train_flags[1:] if opts.train_flags[:1] == ["--"] else opts.train_flags
     args, _ = train.parse_args(flags)
-    pairs = ds.find_pairs(args.data_dir)
-    train_groups, val_groups = ds.split_by_group(pairs, args.val_cars, args.seed)
-    train_images, val_images = len(ds.pairs_of_groups(pairs, train_groups)), len(ds.pairs_of_groups(pairs, val_groups))
-    probe = argparse.Namespace(height=args.height, width=args.width, batch_size=args.batch_size, workers=args.workers,
-                               features=args.features, device=args.device, warmup=3, steps=opts.steps, compile=False)
-    images_per_second = bench_train.measure_steps(probe, "project")["img_s"]
-    copy, write = time_checkpoint(args, Path(opts.dir))
-    epochs, epoch_seconds = epochs_that_fit(opts.minutes, images_per_second, train_images, val_images, opts.margin,
-                                            (copy, write))
-    print(f"probe: {images_per_second:.1f} training img/s at {args.height}x{args.width}, batch {args.batch_size}, "
-          f"UNet {args.features}; checkpoint copy {copy:.2f} s, write {write:.2f} s; {train_images} training and "
-          f"{val_images} validation photos: about {epoch_seconds:.1f} s an epoch, so "
-          f"{utils.plural(epochs, 'epoch')}, about {epochs * epoch_seconds / 60:.1f} of the {opts.minutes:g} minutes",
-          file=sys.stderr)
+    measured = probe(args, opts.steps, Path(opts.dir))
+    epochs, seconds = epochs_that_fit(opts.minutes, measured.images_per_second, measured.train_images,
+                                      measured.val_images, opts.margin, measured.checkpoint_seconds)
+    copy, write = measured.checkpoint_seconds
+    print(f"probe: {measured.images_per_second:.1f} training img/s at {args.height}x{args.width}, batch "
+          f"{args.batch_size}, UNet {args.features}; checkpoint copy {copy:.2f} s, write {write:.2f} s; "
+          f"{measured.train_images} training and {measured.val_images} validation photos: about {seconds:.1f} s an "
+          f"epoch, so {utils.plural(epochs, 'epoch')}, about {epochs * seconds / 60:.1f} of the {opts.minutes:g} "
+          f"minutes", file=sys.stderr)
     print(epochs)
 
 

@@ -139,13 +139,16 @@ def test_profile_step_splits_the_step_and_rates_the_convolutions(tiny_data, tmp_
 
 
 def recipe_commands(tmp_path: Path, **env: str) -> list[list[str]]:
-    """The argv of each `python` call cpu_recipe.sh makes, with a stand-in python on PATH that records them."""
+    """The argv of each `python` call cpu_recipe.sh makes, with a stand-in python on PATH that records them. The
+    stand-in answers cpu_schedule.py's call with the real script, minus its probe: the class's best schedule."""
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir(parents=True)
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "$RECORD"; printf "\\n" >> "$RECORD"; echo done\n')
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "$RECORD"; printf "\\n" >> "$RECORD"\n'
+                    '[ "$1" = benchmarks/cpu_schedule.py ] && exec "$REAL_PYTHON" "$1" "$2" "$3"\necho done\n')
     fake.chmod(0o755)
     record = tmp_path / "argv"
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "RECORD": str(record), **env}
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "RECORD": str(record),
+           "REAL_PYTHON": sys.executable, **env}
     subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_recipe.sh"), "DATA", str(tmp_path / "runs")],
                    env=env, check=True, capture_output=True, timeout=60)
     return [line.rstrip("\0").split("\0") for line in record.read_text().splitlines()]
@@ -154,7 +157,9 @@ def recipe_commands(tmp_path: Path, **env: str) -> list[list[str]]:
 def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
     import evaluate
     import train
-    stage1, stage2, evaluation, _ = recipe_commands(tmp_path, CPU_CLASS="bf16")
+    schedule, stage1, stage2, evaluation, _ = recipe_commands(tmp_path, CPU_CLASS="bf16")
+    assert schedule[:3] == ["benchmarks/cpu_schedule.py", "--cpu-class", "bf16"]
+    assert schedule[3:7] == ["--minutes", "30", "--data-dir", "DATA"]  # the probe picks the schedule that fits
     first, _ = train.parse_args(stage1[1:])
     second, _ = train.parse_args(stage2[1:])
     assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
@@ -166,7 +171,7 @@ def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
     assert scoring.size == [(384, 576), (448, 672), (512, 768)]
     augmentation = ("shift", "zoom", "rotate", "grey")
     first_place = "--shift 0.0625 --zoom 0.91 1.21 --rotate 7 --grey 0.1"
-    ranges, _ = train.parse_args(recipe_commands(tmp_path / "aug", CPU_CLASS="bf16", AUG2=first_place)[1][1:])
+    ranges, _ = train.parse_args(recipe_commands(tmp_path / "aug", CPU_CLASS="bf16", AUG2=first_place)[2][1:])
     assert [getattr(ranges, key) for key in augmentation] == [0.0625, [0.91, 1.21], 7, 0.1]
     defaults, _ = train.parse_args([])  # without AUG2, stage 2 keeps train.py's ranges
     assert [getattr(second, key) for key in augmentation] == [getattr(defaults, key) for key in augmentation]
@@ -175,10 +180,10 @@ def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
 def test_cpu_recipe_on_avx2_trains_less_and_refuses_an_unknown_class(tmp_path):
     import evaluate
     import train
-    stage1, stage2, evaluation, _ = recipe_commands(tmp_path, CPU_CLASS="avx2")
+    _, stage1, stage2, evaluation, _ = recipe_commands(tmp_path, CPU_CLASS="avx2")
     first, _ = train.parse_args(stage1[1:])
     second, _ = train.parse_args(stage2[1:])
-    bf16_first, _ = train.parse_args(recipe_commands(tmp_path / "bf16", CPU_CLASS="bf16")[0][1:])
+    bf16_first, _ = train.parse_args(recipe_commands(tmp_path / "bf16", CPU_CLASS="bf16")[1][1:])
     assert first.epochs < bf16_first.epochs  # fp32 steps cost 3-5x: fewer epochs fit 30 minutes
     assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
         (192, 288, 8, 384, 576, 6)
@@ -187,8 +192,49 @@ def test_cpu_recipe_on_avx2_trains_less_and_refuses_an_unknown_class(tmp_path):
     # six levels halve a size six times: multiples of 32 leave only the deepest halving to round (model._pad_to)
     assert all(h % 32 == 0 and w % 32 == 0 for h, w in evaluate.parse_args(evaluation[1:]).size)
     z2c = recipe_commands(tmp_path / "z2c", CPU_CLASS="avx2", FEATURES="16 32 64 128 256")
-    assert train.parse_args(z2c[0][1:])[0].features == [16, 32, 64, 128, 256]  # FEATURES overrides the class's UNet
+    assert "--minutes" not in z2c[0]  # a schedule knob set: no probe, the class's best schedule with that change
+    assert train.parse_args(z2c[1][1:])[0].features == [16, 32, 64, 128, 256]  # FEATURES overrides the class's UNet
+    assert train.parse_args(z2c[1][1:])[0].epochs == first.epochs
+    assert "--minutes" not in recipe_commands(tmp_path / "m0", CPU_CLASS="avx2", MINUTES="0")[0]
     refused = subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_recipe.sh"), "DATA", str(tmp_path / "x")],
                              env={**os.environ, "CPU_CLASS": "sse"}, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "CPU_CLASS must be bf16 or avx2, not 'sse'" in refused.stderr
     assert not (tmp_path / "x").exists()  # refused before it makes the run folder
+
+
+def test_cpu_schedule_takes_the_best_measured_schedule_that_fits_or_cuts_the_best():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cpu_schedule import SCHEDULES, choose, cut_to_fit, training_seconds
+    best, second = SCHEDULES["bf16"]
+    seconds = {("16 32 64 128 256", "256x384"): 100.0, ("16 32 64 128 256", "384x576"): 200.0,
+               ("16 32 64 128 256", "160x240"): 50.0}
+
+    def epoch_seconds(features: str, size: str) -> float:
+        return seconds[features, size]
+
+    assert training_seconds(best, epoch_seconds) == 16 * 100 + 9 * 200  # 56.7 min
+    assert training_seconds(second, epoch_seconds) == 8 * 50 + 7 * 200  # 30 min
+    assert choose(SCHEDULES["bf16"], epoch_seconds, 60) == best
+    assert choose(SCHEDULES["bf16"], epoch_seconds, 30) == second  # the best measured one that fits
+    cut = choose(SCHEDULES["bf16"], epoch_seconds, 29)
+    assert (cut.features, cut.size1, cut.size2, cut.sizes) == (best.features, best.size1, best.size2, best.sizes)
+    assert training_seconds(cut, epoch_seconds) <= 29 * 60 and "not measured" in cut.measured
+    # both stages cut in proportion (0.51: 8 and 4 epochs), then stage 2's epochs given back while they fit
+    assert (cut.epochs1, cut.epochs2) == (8, 4)
+    given_back = cut_to_fit(best, epoch_seconds, 2244)  # 0.66: 10.56 and 5.94 epochs, floored to 10 and 5 (2000 s)
+    assert (given_back.epochs1, given_back.epochs2) == (10, 6)  # and a sixth at 384x576 fits (2200 s)
+    tiny = choose(SCHEDULES["bf16"], epoch_seconds, 0.1)
+    assert (tiny.epochs1, tiny.epochs2) == (1, 1)  # never fewer than one epoch a stage
+
+
+def test_cpu_schedule_probes_each_size_once_and_prints_assignments_for_bash(tiny_data, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cpu_schedule import SCHEDULES, probed_epoch_seconds, shell_assignments
+    epoch_seconds = probed_epoch_seconds(str(tiny_data), 1, tmp_path, 1.15)
+    first = epoch_seconds("4 8", "32x48")
+    assert first > 0 and epoch_seconds("4 8", "32x48") == first  # the second call reuses the first probe
+    assert list(tmp_path.iterdir()) == []  # the timed checkpoint write is removed
+    lines = shell_assignments("avx2", SCHEDULES["avx2"][0])
+    shell = subprocess.run(["bash", "-c", f'{lines}\necho "$CPU_CLASS|$FEATURES|$EPOCHS1|$SIZE1|$EPOCHS2|$SIZES"'],
+                           env={**os.environ, "EPOCHS1": "3"}, capture_output=True, text=True, check=True)
+    assert shell.stdout.strip() == "avx2|8 16 32 64 128 256|3|192x288|6|384x576 448x672 512x768"

@@ -1,0 +1,152 @@
+"""Which of the CPU recipe's measured schedules fits a training budget on this CPU, from short probes.
+
+    python benchmarks/cpu_schedule.py --data-dir ../shared/carvana --minutes 30    # what cpu_recipe.sh runs first
+
+Each CPU class (bf16 units, or AVX2 only) has schedules that were trained end to end on the shared cars (the table
+below, best first; BENCHMARKS.md has the runs). The same schedule takes 26 minutes on one 2-core CPU and 50 on
+another of its class, so the probe times a few training steps at each size a schedule trains at (recipe_epochs.py's
+estimate of an epoch), and the best schedule estimated to fit --minutes of training wins. When none fits, the best
+one is cut to fit, both stages in proportion, and its Dice is then unmeasured. Without --minutes the class's best
+schedule is taken as it is, without a probe.
+
+The estimates go to stderr; stdout gets shell assignments that benchmarks/cpu_recipe.sh evaluates, each keeping a
+value the environment already gives (EPOCHS1=... bash benchmarks/cpu_recipe.sh).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import recipe_epochs
+import train
+import utils
+
+SCORED_SIZES = "384x576 448x672 512x768"  # 1, 1.17 and 1.33 times 384x576: the multi-scale TTA that paid
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Two stages of the CPU recipe: the car at size1, then its outline at size2 from stage 1's weights."""
+    features: str
+    epochs1: int
+    size1: str
+    epochs2: int
+    size2: str
+    sizes: str  # the inputs evaluate.py scores at, their probabilities averaged
+    measured: str  # what it reached at 1280x1918 (flip TTA, one region) and where
+
+    def describe(self) -> str:
+        return (f"UNet {self.features}: {self.epochs1} epochs at {self.size1}, then {self.epochs2} at {self.size2}; "
+                f"scored at inputs of {self.sizes}")
+
+
+SCHEDULES = {
+    "bf16": (
+        Schedule("16 32 64 128 256", 16, "256x384", 9, "384x576", SCORED_SIZES,
+                 "0.9931; 25.9 min on a 2-core AMD Zen 4, 31.6 on a Zen 5"),
+        Schedule("16 32 64 128 256", 8, "160x240", 7, "384x576", SCORED_SIZES,
+                 "0.9920; 27.4 min on a 2-core Intel Xeon with AMX"),
+    ),
+    "avx2": (  # six levels half as wide: a fp32 step 2-3x cheaper than five levels'
+        Schedule("8 16 32 64 128 256", 8, "192x288", 6, "384x576", SCORED_SIZES,
+                 "0.9900 (0.9904 with another seed of stage 2); 32.8 min on a 2-core Intel Xeon held to AVX2"),
+        Schedule("16 32 64 128 256", 7, "160x240", 3, "320x480", "320x480 384x576 416x624",
+                 "0.9894; 22.2 min on a 2-core AMD Zen 2"),
+    ),
+}
+
+StageSeconds = Callable[[str, str], float]  # (features, size) -> estimated seconds an epoch
+
+
+def training_seconds(schedule: Schedule, epoch_seconds: StageSeconds) -> float:
+    return (schedule.epochs1 * epoch_seconds(schedule.features, schedule.size1)
+            + schedule.epochs2 * epoch_seconds(schedule.features, schedule.size2))
+
+
+def cut_to_fit(schedule: Schedule, epoch_seconds: StageSeconds, budget: float) -> Schedule:
+    """The schedule with both stages' epochs cut in proportion to fit budget seconds (one each at least), then
+    stage 2's given back while they fit: time at the larger size paid best on the slower CPUs."""
+    scale = budget / training_seconds(schedule, epoch_seconds)
+    cut = replace(schedule, epochs1=max(1, math.floor(schedule.epochs1 * scale)),
+                  epochs2=max(1, math.floor(schedule.epochs2 * scale)), measured="not measured (cut to fit)")
+    while cut.epochs2 < schedule.epochs2:
+        more = replace(cut, epochs2=cut.epochs2 + 1)
+        if training_seconds(more, epoch_seconds) > budget:
+            break
+        cut = more
+    return cut
+
+
+def choose(schedules: tuple[Schedule, ...], epoch_seconds: StageSeconds, minutes: float) -> Schedule:
+    """The first (best) schedule whose estimated training fits the minutes, else the best one cut to fit."""
+    for schedule in schedules:
+        if training_seconds(schedule, epoch_seconds) <= minutes * 60:
+            return schedule
+    return cut_to_fit(schedules[0], epoch_seconds, minutes * 60)
+
+
+def probed_epoch_seconds(data_dir: str, steps: int, folder: Path, margin: float) -> StageSeconds:
+    """A StageSeconds that times each (features, size) once, with cpu_recipe.sh's flags, and says what it found."""
+    found: dict[tuple[str, str], float] = {}
+
+    def epoch_seconds(features: str, size: str) -> float:
+        if (features, size) not in found:
+            height, width = size.split("x")
+            args, _ = train.parse_args(["--data-dir", data_dir, "--features", *features.split(), "--batch-size", "2",
+                                        "--val-cars", "4", "--workers", "1", "--height", height, "--width", width,
+                                        "--device", "cpu"])
+            found[features, size] = recipe_epochs.probe(args, steps, folder).epoch_seconds(margin)
+            print(f"  UNet {features} at {size}: about {found[features, size]:.0f} s an epoch", file=sys.stderr)
+        return found[features, size]
+
+    return epoch_seconds
+
+
+def shell_assignments(cpu_class: str, schedule: Schedule) -> str:
+    """Lines for bash's eval: the CPU class found, and each knob of cpu_recipe.sh unless the environment sets it."""
+    values = {"FEATURES": schedule.features, "EPOCHS1": schedule.epochs1, "SIZE1": schedule.size1,
+              "EPOCHS2": schedule.epochs2, "SIZE2": schedule.size2, "SIZES": schedule.sizes}
+    return "\n".join([f"CPU_CLASS={cpu_class}",
+                      *(f"{name}=${{{name}:-{shlex.quote(str(value))}}}" for name, value in values.items())])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-class", choices=("auto", *SCHEDULES), default="auto",
+                        help="bf16 (bf16 units) or avx2 (AVX2 only); auto: as train.py's --amp auto finds it "
+                             "(default: %(default)s)")
+    parser.add_argument("--data-dir", help="the recipe's dataset, whose split the probe counts (with --minutes)")
+    parser.add_argument("--minutes", type=float,
+                        help="the training budget; without it, the class's best schedule, not probed")
+    parser.add_argument("--margin", type=float, default=1.15,
+                        help="estimated epoch time over the steps' own (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each probe (default: %(default)s)")
+    parser.add_argument("--dir", default="runs", help="where to time a checkpoint's write (default: %(default)s)")
+    opts = parser.parse_args()
+    if opts.minutes is not None and not opts.data_dir:
+        parser.error("--minutes needs --data-dir")
+    cpu_class = opts.cpu_class
+    if cpu_class == "auto":
+        cpu_class = "bf16" if utils.cpu_has_bf16_units() else "avx2"
+    schedules = SCHEDULES[cpu_class]
+    schedule = schedules[0]
+    if opts.minutes is not None:
+        print(f"CPU class {cpu_class}: timing a few training steps at each size, to fit {opts.minutes:g} minutes",
+              file=sys.stderr)
+        epoch_seconds = probed_epoch_seconds(opts.data_dir, opts.steps, Path(opts.dir), opts.margin)
+        schedule = choose(schedules, epoch_seconds, opts.minutes)
+        tried = schedules[:schedules.index(schedule) + 1] if schedule in schedules else (*schedules, schedule)
+        for candidate in tried:
+            print(f"  {candidate.describe()}: about {training_seconds(candidate, epoch_seconds) / 60:.1f} min of "
+                  f"training here; measured: {candidate.measured}", file=sys.stderr)
+        print(f"chose: {schedule.describe()}", file=sys.stderr)
+    print(shell_assignments(cpu_class, schedule))
+
+
+if __name__ == "__main__":
+    main()
