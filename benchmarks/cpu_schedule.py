@@ -64,6 +64,7 @@ StageSeconds = Callable[[str, str], float]  # (features, size) -> estimated seco
 
 
 def training_seconds(schedule: Schedule, epoch_seconds: StageSeconds) -> float:
+    """Estimated seconds of training of both stages."""
     return (schedule.epochs1 * epoch_seconds(schedule.features, schedule.size1)
             + schedule.epochs2 * epoch_seconds(schedule.features, schedule.size2))
 
@@ -71,7 +72,7 @@ def training_seconds(schedule: Schedule, epoch_seconds: StageSeconds) -> float:
 def cut_to_fit(schedule: Schedule, epoch_seconds: StageSeconds, budget: float) -> Schedule:
     """The schedule with both stages' epochs cut in proportion to fit budget seconds (one each at least), then
     stage 2's given back while they fit: time at the larger size paid best on the slower CPUs."""
-    scale = budget / training_seconds(schedule, epoch_seconds)
+    scale = min(1.0, budget / training_seconds(schedule, epoch_seconds))
     cut = replace(schedule, epochs1=max(1, math.floor(schedule.epochs1 * scale)),
                   epochs2=max(1, math.floor(schedule.epochs2 * scale)), measured="not measured (cut to fit)")
     while cut.epochs2 < schedule.epochs2:

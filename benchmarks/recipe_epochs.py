@@ -9,7 +9,7 @@ third of that (a forward pass), times --margin for the loader, the fp32 warm-up 
 the copy of the UNet's checkpoint to CPU memory (train.py's writer, timed into --dir as bench_checkpoint.py times
 it). The checkpoint's write overlaps the next epoch, so an epoch takes at least that long. The estimate goes to
 stderr, the number alone to stdout: benchmarks/gpu_recipe.sh runs this when EPOCHS is not given, so that a lent
-GPU's run fits the time it has.
+GPU's run fits the time it has; benchmarks/cpu_schedule.py estimates the CPU recipe's stages with the same probe.
 """
 from __future__ import annotations
 
