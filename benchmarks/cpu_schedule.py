@@ -2,12 +2,12 @@
 
     python benchmarks/cpu_schedule.py --data-dir ../shared/carvana --minutes 30    # what cpu_recipe.sh runs first
 
-Each CPU class (bf16 units, or AVX2 only) has schedules that were trained end to end on the shared cars (the table
+Each CPU class (bf16 units, or AVX2 only) has schedules that were trained end to end on the shared cars (SCHEDULES
 below, best first; BENCHMARKS.md has the runs). The same schedule takes 26 minutes on one 2-core CPU and 50 on
 another of its class, so the probe times a few training steps at each size a schedule trains at (recipe_epochs.py's
-estimate of an epoch), and the best schedule estimated to fit --minutes of training wins. When none fits, the best
-one is cut to fit, both stages in proportion, and its Dice is then unmeasured. Without --minutes the class's best
-schedule is taken as it is, without a probe.
+estimate of an epoch), and the best schedule estimated to fit --minutes of training wins. When none fits, the one
+that needs the smallest cut is cut to fit, both stages in proportion, and its Dice is then unmeasured. Without
+--minutes (or with 0) the class's best schedule is taken as it is, without a probe.
 
 The estimates go to stderr; stdout gets shell assignments that benchmarks/cpu_recipe.sh evaluates, each keeping a
 value the environment already gives (EPOCHS1=... bash benchmarks/cpu_recipe.sh).
@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import common  # noqa: F401  (puts the repository on sys.path)
 import recipe_epochs
 import train
 import utils
@@ -41,8 +42,8 @@ class Schedule:
     measured: str  # what it reached at 1280x1918 (flip TTA, one region) and where
 
     def describe(self) -> str:
-        return (f"UNet {self.features}: {self.epochs1} epochs at {self.size1}, then {self.epochs2} at {self.size2}; "
-                f"scored at inputs of {self.sizes}")
+        return (f"UNet {self.features}: {utils.plural(self.epochs1, 'epoch')} at {self.size1}, then {self.epochs2} "
+                f"at {self.size2}; scored at inputs of {self.sizes}")
 
 
 SCHEDULES = {
@@ -60,20 +61,20 @@ SCHEDULES = {
     ),
 }
 
-StageSeconds = Callable[[str, str], float]  # (features, size) -> estimated seconds an epoch
+EpochSeconds = Callable[[str, str], float]  # (features, size) -> estimated seconds an epoch
 
 
-def training_seconds(schedule: Schedule, epoch_seconds: StageSeconds) -> float:
+def training_seconds(schedule: Schedule, epoch_seconds: EpochSeconds) -> float:
     """Estimated seconds of training of both stages."""
     return (schedule.epochs1 * epoch_seconds(schedule.features, schedule.size1)
             + schedule.epochs2 * epoch_seconds(schedule.features, schedule.size2))
 
 
-def cut_to_fit(schedule: Schedule, epoch_seconds: StageSeconds, budget: float) -> Schedule:
+def cut_to_fit(schedule: Schedule, epoch_seconds: EpochSeconds, budget: float) -> Schedule:
     """The schedule with both stages' epochs cut in proportion to fit budget seconds (one each at least), then
     stage 2's given back while they fit: time at the larger size paid best on the slower CPUs."""
     scale = min(1.0, budget / training_seconds(schedule, epoch_seconds))
-    cut = replace(schedule, epochs1=max(1, math.floor(schedule.epochs1 * scale)),
+    cut = replace(schedule, epochs1=max(1, math.floor(schedule.epochs1 * scale)),  # may stay over a tiny budget
                   epochs2=max(1, math.floor(schedule.epochs2 * scale)), measured="not measured (cut to fit)")
     while cut.epochs2 < schedule.epochs2:
         more = replace(cut, epochs2=cut.epochs2 + 1)
@@ -83,24 +84,30 @@ def cut_to_fit(schedule: Schedule, epoch_seconds: StageSeconds, budget: float) -
     return cut
 
 
-def choose(schedules: tuple[Schedule, ...], epoch_seconds: StageSeconds, minutes: float) -> Schedule:
-    """The first (best) schedule whose estimated training fits the minutes, else the best one cut to fit."""
+def choose(schedules: tuple[Schedule, ...], epoch_seconds: EpochSeconds, minutes: float) -> Schedule:
+    """The first (best) schedule whose estimated training fits the minutes, else the one nearest to fitting, cut to
+    fit: a small cut of a cheaper schedule keeps more of what was measured than a large cut of a dearer one."""
     for schedule in schedules:
         if training_seconds(schedule, epoch_seconds) <= minutes * 60:
             return schedule
-    return cut_to_fit(schedules[0], epoch_seconds, minutes * 60)
+    nearest = min(schedules, key=lambda schedule: training_seconds(schedule, epoch_seconds))
+    return cut_to_fit(nearest, epoch_seconds, minutes * 60)
 
 
-def probed_epoch_seconds(data_dir: str, steps: int, folder: Path, margin: float) -> StageSeconds:
-    """A StageSeconds that times each (features, size) once, with cpu_recipe.sh's flags, and says what it found."""
+def stage_flags(data_dir: str, features: str, size: str) -> list[str]:
+    """train.py's flags of a stage of cpu_recipe.sh that set its cost and split (tests hold the two together)."""
+    height, width = size.split("x")
+    return ["--data-dir", data_dir, "--features", *features.split(), "--batch-size", "2", "--val-cars", "4",
+            "--workers", "1", "--device", "cpu", "--height", height, "--width", width]
+
+
+def probed_epoch_seconds(data_dir: str, steps: int, folder: Path, margin: float) -> EpochSeconds:
+    """An EpochSeconds that probes each (features, size) once, with cpu_recipe.sh's flags, and says what it found."""
     found: dict[tuple[str, str], float] = {}
 
     def epoch_seconds(features: str, size: str) -> float:
         if (features, size) not in found:
-            height, width = size.split("x")
-            args, _ = train.parse_args(["--data-dir", data_dir, "--features", *features.split(), "--batch-size", "2",
-                                        "--val-cars", "4", "--workers", "1", "--height", height, "--width", width,
-                                        "--device", "cpu"])
+            args, _ = train.parse_args(stage_flags(data_dir, features, size))
             found[features, size] = recipe_epochs.probe(args, steps, folder).epoch_seconds(margin)
             print(f"  UNet {features} at {size}: about {found[features, size]:.0f} s an epoch", file=sys.stderr)
         return found[features, size]
@@ -122,30 +129,36 @@ def main() -> None:
                         help="bf16 (bf16 units) or avx2 (AVX2 only); auto: as train.py's --amp auto finds it "
                              "(default: %(default)s)")
     parser.add_argument("--data-dir", help="the recipe's dataset, whose split the probe counts (with --minutes)")
-    parser.add_argument("--minutes", type=float,
-                        help="the training budget; without it, the class's best schedule, not probed")
+    parser.add_argument("--minutes", type=float, default=0,
+                        help="the training budget; 0: the class's best schedule, not probed (default: %(default)s)")
     parser.add_argument("--margin", type=float, default=1.15,
                         help="estimated epoch time over the steps' own (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each probe (default: %(default)s)")
     parser.add_argument("--dir", default="runs", help="where to time a checkpoint's write (default: %(default)s)")
     opts = parser.parse_args()
-    if opts.minutes is not None and not opts.data_dir:
+    if opts.minutes > 0 and not opts.data_dir:
         parser.error("--minutes needs --data-dir")
     cpu_class = opts.cpu_class
     if cpu_class == "auto":
         cpu_class = "bf16" if utils.cpu_has_bf16_units() else "avx2"
     schedules = SCHEDULES[cpu_class]
     schedule = schedules[0]
-    if opts.minutes is not None:
+    if opts.minutes > 0:
         print(f"CPU class {cpu_class}: timing a few training steps at each size, to fit {opts.minutes:g} minutes",
               file=sys.stderr)
         epoch_seconds = probed_epoch_seconds(opts.data_dir, opts.steps, Path(opts.dir), opts.margin)
         schedule = choose(schedules, epoch_seconds, opts.minutes)
-        tried = schedules[:schedules.index(schedule) + 1] if schedule in schedules else (*schedules, schedule)
-        for candidate in tried:
+        if schedule in schedules:
+            probed = schedules[:schedules.index(schedule) + 1]  # the ones before it did not fit
+        else:
+            probed = (*schedules, schedule)  # none fitted: all of them, and the cut one
+        for candidate in probed:
             print(f"  {candidate.describe()}: about {training_seconds(candidate, epoch_seconds) / 60:.1f} min of "
                   f"training here; measured: {candidate.measured}", file=sys.stderr)
         print(f"chose: {schedule.describe()}", file=sys.stderr)
+        if training_seconds(schedule, epoch_seconds) > opts.minutes * 60:
+            print(f"warning: that is over the {opts.minutes:g} minutes, with one epoch in a stage at least",
+                  file=sys.stderr)
     print(shell_assignments(cpu_class, schedule))
 
 

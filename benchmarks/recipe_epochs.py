@@ -51,6 +51,7 @@ class Probe:
     val_images: int
 
     def epoch_seconds(self, margin: float) -> float:
+        """Estimated seconds an epoch, with margin for what the probe does not time."""
         return epoch_seconds(self.images_per_second, self.train_images, self.val_images, margin,
                              self.checkpoint_seconds)
 

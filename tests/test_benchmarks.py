@@ -140,7 +140,8 @@ def test_profile_step_splits_the_step_and_rates_the_convolutions(tiny_data, tmp_
 
 def recipe_commands(tmp_path: Path, **env: str) -> list[list[str]]:
     """The argv of each `python` call cpu_recipe.sh makes, with a stand-in python on PATH that records them. The
-    stand-in answers cpu_schedule.py's call with the real script, minus its probe: the class's best schedule."""
+    stand-in answers cpu_schedule.py's call with the real script given only the class (its first three arguments):
+    the class's best schedule, as if the probe had found that it fits."""
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir(parents=True)
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "$RECORD"; printf "\\n" >> "$RECORD"\n'
@@ -166,6 +167,15 @@ def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
         (256, 384, 16, 384, 576, 9)
     assert first.features == second.features == [16, 32, 64, 128, 256] and second.edge_weight == 5
     assert second.init == str(tmp_path / "runs" / "stage1" / "last.pt")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cpu_schedule import stage_flags
+    probed, _ = train.parse_args(stage_flags("DATA", "16 32 64 128 256", "256x384"))
+    for stage in (first, second):  # the probe times the step and counts the split that the stages train
+        assert [getattr(probed, key) for key in ("data_dir", "batch_size", "val_cars", "workers", "seed", "device",
+                                                 "features")] == \
+            [getattr(stage, key) for key in ("data_dir", "batch_size", "val_cars", "workers", "seed", "device",
+                                             "features")]
+    assert first.device == "cpu"
     scoring = evaluate.parse_args(evaluation[1:])
     assert scoring.checkpoint == str(tmp_path / "runs" / "stage2" / "best.pt") and scoring.tta
     assert scoring.size == [(384, 576), (448, 672), (512, 768)]
@@ -192,18 +202,20 @@ def test_cpu_recipe_on_avx2_trains_less_and_refuses_an_unknown_class(tmp_path):
     # six levels halve a size six times: multiples of 32 leave only the deepest halving to round (model._pad_to)
     assert all(h % 32 == 0 and w % 32 == 0 for h, w in evaluate.parse_args(evaluation[1:]).size)
     z2c = recipe_commands(tmp_path / "z2c", CPU_CLASS="avx2", FEATURES="16 32 64 128 256")
-    assert "--minutes" not in z2c[0]  # a schedule knob set: no probe, the class's best schedule with that change
+    assert z2c[0][z2c[0].index("--minutes") + 1] == "0"  # a schedule knob set: no probe, the best with that change
     assert train.parse_args(z2c[1][1:])[0].features == [16, 32, 64, 128, 256]  # FEATURES overrides the class's UNet
     assert train.parse_args(z2c[1][1:])[0].epochs == first.epochs
-    assert "--minutes" not in recipe_commands(tmp_path / "m0", CPU_CLASS="avx2", MINUTES="0")[0]
+    extra = recipe_commands(tmp_path / "extra", CPU_CLASS="avx2", EXTRA="--batch-size 4")[0]
+    assert extra[extra.index("--minutes") + 1] == "0"  # EXTRA may change a step's cost: no probe either
     refused = subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_recipe.sh"), "DATA", str(tmp_path / "x")],
                              env={**os.environ, "CPU_CLASS": "sse"}, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "CPU_CLASS must be bf16 or avx2, not 'sse'" in refused.stderr
+    assert refused.returncode == 2 and "CPU_CLASS must be bf16, avx2 or auto, not 'sse'" in refused.stderr
     assert not (tmp_path / "x").exists()  # refused before it makes the run folder
 
 
 def test_cpu_schedule_takes_the_best_measured_schedule_that_fits_or_cuts_the_best():
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    from dataclasses import replace
     from cpu_schedule import SCHEDULES, choose, cut_to_fit, training_seconds
     best, second = SCHEDULES["bf16"]
     seconds = {("16 32 64 128 256", "256x384"): 100.0, ("16 32 64 128 256", "384x576"): 200.0,
@@ -216,25 +228,38 @@ def test_cpu_schedule_takes_the_best_measured_schedule_that_fits_or_cuts_the_bes
     assert training_seconds(second, epoch_seconds) == 8 * 50 + 7 * 200  # 30 min
     assert choose(SCHEDULES["bf16"], epoch_seconds, 60) == best
     assert choose(SCHEDULES["bf16"], epoch_seconds, 30) == second  # the best measured one that fits
-    cut = choose(SCHEDULES["bf16"], epoch_seconds, 29)
-    assert (cut.features, cut.size1, cut.size2, cut.sizes) == (best.features, best.size1, best.size2, best.sizes)
-    assert training_seconds(cut, epoch_seconds) <= 29 * 60 and "not measured" in cut.measured
-    # both stages cut in proportion (0.51: 8 and 4 epochs), then stage 2's epochs given back while they fit
-    assert (cut.epochs1, cut.epochs2) == (8, 4)
+    cut = choose(SCHEDULES["bf16"], epoch_seconds, 27)  # none fits: the second, nearer to fitting, is cut
+    assert (cut.features, cut.size1, cut.size2, cut.sizes) == (second.features, second.size1, second.size2,
+                                                                second.sizes)
+    assert training_seconds(cut, epoch_seconds) <= 27 * 60 and "not measured" in cut.measured
+    # both stages cut in proportion (0.9: 7.2 and 6.3 epochs, floored to 7 and 6)
+    assert (cut.epochs1, cut.epochs2) == (7, 6)
+    assert cut_to_fit(best, epoch_seconds, 10**6) == replace(best, measured="not measured (cut to fit)")  # no more
     given_back = cut_to_fit(best, epoch_seconds, 2244)  # 0.66: 10.56 and 5.94 epochs, floored to 10 and 5 (2000 s)
     assert (given_back.epochs1, given_back.epochs2) == (10, 6)  # and a sixth at 384x576 fits (2200 s)
     tiny = choose(SCHEDULES["bf16"], epoch_seconds, 0.1)
     assert (tiny.epochs1, tiny.epochs2) == (1, 1)  # never fewer than one epoch a stage
 
 
-def test_cpu_schedule_probes_each_size_once_and_prints_assignments_for_bash(tiny_data, tmp_path):
+def test_cpu_schedule_probes_each_size_once_and_prints_assignments_for_bash(tiny_data, tmp_path, monkeypatch,
+                                                                           capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cpu_schedule import SCHEDULES, probed_epoch_seconds, shell_assignments
-    epoch_seconds = probed_epoch_seconds(str(tiny_data), 1, tmp_path, 1.15)
-    first = epoch_seconds("4 8", "32x48")
-    assert first > 0 and epoch_seconds("4 8", "32x48") == first  # the second call reuses the first probe
-    assert list(tmp_path.iterdir()) == []  # the timed checkpoint write is removed
-    lines = shell_assignments("avx2", SCHEDULES["avx2"][0])
-    shell = subprocess.run(["bash", "-c", f'{lines}\necho "$CPU_CLASS|$FEATURES|$EPOCHS1|$SIZE1|$EPOCHS2|$SIZES"'],
+    import cpu_schedule
+    import recipe_epochs
+    from cpu_schedule import Schedule
+    probes = []
+    real_probe = recipe_epochs.probe
+    monkeypatch.setattr(recipe_epochs, "probe", lambda *a: probes.append(a[0].height) or real_probe(*a))
+    tiny = (Schedule("4 8", 1000, "32x48", 1000, "64x96", "64x96 96x144", "first"),
+            Schedule("4 8", 2, "32x48", 1, "64x96", "64x96", "second"))
+    monkeypatch.setattr(cpu_schedule, "SCHEDULES", {"avx2": tiny})
+    monkeypatch.setattr(sys, "argv", ["cpu_schedule.py", "--cpu-class", "avx2", "--minutes", "0.1", "--steps", "1",
+                                      "--data-dir", str(tiny_data), "--dir", str(tmp_path)])
+    cpu_schedule.main()
+    out, err = capsys.readouterr()
+    assert sorted(probes) == [32, 64]  # each size probed once, though both schedules train at both
+    assert list(tmp_path.iterdir()) == []  # the timed checkpoint writes are removed
+    assert "chose: UNet 4 8: 2 epochs at 32x48, then 1 at 64x96" in err  # 1000 + 1000 epochs do not fit 6 s
+    shell = subprocess.run(["bash", "-c", f'{out}\necho "$CPU_CLASS|$FEATURES|$EPOCHS1|$SIZE1|$EPOCHS2|$SIZES"'],
                            env={**os.environ, "EPOCHS1": "3"}, capture_output=True, text=True, check=True)
-    assert shell.stdout.strip() == "avx2|8 16 32 64 128 256|3|192x288|6|384x576 448x672 512x768"
+    assert shell.stdout.strip() == "avx2|4 8|3|32x48|1|64x96"  # stdout is only assignments; the environment wins
