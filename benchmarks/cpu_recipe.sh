@@ -17,7 +17,8 @@
 #         a 2-core Intel Xeon with AMX, where the first takes about 50); scored at 384x576 448x672 512x768.
 #   avx2: AVX2 only (fp32): six levels half as wide (8..256), whose fp32 step costs 2-3x less than five levels':
 #         8 epochs at 192x288, then 6 at 384x576 (32.8 min on a 2-core Xeon held to AVX2, about 23 on a Zen 2,
-#         estimated), scored at bf16's inputs; or five levels, 7 at 160x240, then 3 at 320x480 (22.2 min on a Zen 2).
+#         estimated), scored at bf16's inputs; or five levels, 7 at 160x240, then 3 at 320x480 (22.2 min on a Zen 2);
+#         or the six levels for 5 epochs at 192x288, then 4 at 384x576 (23.9 min on the Xeon held to AVX2).
 # Knobs (environment), for the ablation in BENCHMARKS.md: MINUTES (30; 0: the class's best schedule, not probed),
 # CPU_CLASS (bf16 or avx2), and the schedule's own: EPOCHS1, EPOCHS2, SIZE1, SIZE2 (HxW), FEATURES (the UNet), SIZES
 # (evaluate.py --size); setting any of these six, or EXTRA, skips the probe and changes only itself in the class's
