@@ -37,16 +37,16 @@ MINUTES=${MINUTES:-30}
 if [ -n "${EPOCHS1:-}${SIZE1:-}${EPOCHS2:-}${SIZE2:-}${FEATURES:-}${SIZES:-}${EXTRA:-}" ]; then
   MINUTES=0  # a schedule given by hand: no probe
 fi
+STAGE=(--batch-size 2 --val-cars 4 --workers 1 --device cpu)  # what sets a stage's cost and split: probed as trained
 SCHEDULE=$(python benchmarks/cpu_schedule.py --cpu-class "${CPU_CLASS:-auto}" --minutes "$MINUTES" \
-  --data-dir "$DATA" --dir "$(dirname "$R")")
+  --data-dir "$DATA" --dir "$(dirname "$R")" -- "${STAGE[@]}")
 eval "$SCHEDULE"  # CPU_CLASS as found; FEATURES, EPOCHS1, SIZE1, EPOCHS2, SIZE2, SIZES unless already set
 echo "CPU class $CPU_CLASS: UNet $FEATURES; $EPOCHS1 epochs at $SIZE1, then $EPOCHS2 at $SIZE2;" \
   "scored at inputs of $SIZES (to repeat: FEATURES=\"$FEATURES\" EPOCHS1=$EPOCHS1 SIZE1=$SIZE1 EPOCHS2=$EPOCHS2" \
   "SIZE2=$SIZE2 SIZES=\"$SIZES\")"
 mkdir -p "$R"
 # shellcheck disable=SC2206
-COMMON=(--data-dir "$DATA" --features $FEATURES --batch-size 2 --val-cars 4 --workers 1 --device cpu
-  --num-predictions 0)
+COMMON=(--data-dir "$DATA" --features $FEATURES "${STAGE[@]}" --num-predictions 0)
 # shellcheck disable=SC2086
 python train.py "${COMMON[@]}" --height "${SIZE1%x*}" --width "${SIZE1#*x}" --epochs "$EPOCHS1" \
   --lr "${LR1:-1.5e-3}" ${EXTRA:-} --out-dir "$R/stage1" 2>&1 | tr '\r' '\n' | grep -v 'it/s' > "$R.stage1.log"

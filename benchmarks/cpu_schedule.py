@@ -96,20 +96,20 @@ def choose(schedules: tuple[Schedule, ...], epoch_seconds: EpochSeconds, minutes
     return cut_to_fit(nearest, epoch_seconds, minutes * 60)
 
 
-def stage_flags(data_dir: str, features: str, size: str) -> list[str]:
-    """train.py's flags of a stage of cpu_recipe.sh that set its cost and split (tests hold the two together)."""
+def stage_flags(data_dir: str, features: str, size: str, stage: list[str]) -> list[str]:
+    """train.py's flags of a stage of cpu_recipe.sh: the schedule's, and stage (the script's batch, split, workers
+    and device)."""
     height, width = size.split("x")
-    return ["--data-dir", data_dir, "--features", *features.split(), "--batch-size", "2", "--val-cars", "4",
-            "--workers", "1", "--device", "cpu", "--height", height, "--width", width]
+    return ["--data-dir", data_dir, "--features", *features.split(), *stage, "--height", height, "--width", width]
 
 
-def probed_epoch_seconds(data_dir: str, steps: int, folder: Path, margin: float) -> EpochSeconds:
-    """An EpochSeconds that probes each (features, size) once, with cpu_recipe.sh's flags, and says what it found."""
+def probed_epoch_seconds(data_dir: str, stage: list[str], steps: int, folder: Path, margin: float) -> EpochSeconds:
+    """An EpochSeconds that probes each (features, size) once, with the stages' flags, and says what it found."""
     found: dict[tuple[str, str], float] = {}
 
     def epoch_seconds(features: str, size: str) -> float:
         if (features, size) not in found:
-            args, _ = train.parse_args(stage_flags(data_dir, features, size))
+            args, _ = train.parse_args(stage_flags(data_dir, features, size, stage))
             found[features, size] = recipe_epochs.probe(args, steps, folder).epoch_seconds(margin)
             print(f"  UNet {features} at {size}: about {found[features, size]:.0f} s an epoch", file=sys.stderr)
         return found[features, size]
@@ -137,7 +137,11 @@ def main() -> None:
                         help="estimated epoch time over the steps' own (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each probe (default: %(default)s)")
     parser.add_argument("--dir", default="runs", help="where to time a checkpoint's write (default: %(default)s)")
+    parser.add_argument("stage", nargs=argparse.REMAINDER,
+                        help="after --: the stages' other train.py flags (cpu_recipe.sh's batch, split, workers, "
+                             "device)")
     opts = parser.parse_args()
+    stage = opts.stage[1:] if opts.stage[:1] == ["--"] else opts.stage
     if opts.minutes > 0 and not opts.data_dir:
         parser.error("--minutes needs --data-dir")
     cpu_class = opts.cpu_class
@@ -148,7 +152,7 @@ def main() -> None:
     if opts.minutes > 0:
         print(f"CPU class {cpu_class}: timing a few training steps at each size, to fit {opts.minutes:g} minutes",
               file=sys.stderr)
-        epoch_seconds = probed_epoch_seconds(opts.data_dir, opts.steps, Path(opts.dir), opts.margin)
+        epoch_seconds = probed_epoch_seconds(opts.data_dir, stage, opts.steps, Path(opts.dir), opts.margin)
         schedule = choose(schedules, epoch_seconds, opts.minutes)
         if schedule in schedules:
             probed = schedules[:schedules.index(schedule) + 1]  # the ones before it did not fit

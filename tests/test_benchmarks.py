@@ -161,6 +161,7 @@ def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
     schedule, stage1, stage2, evaluation, _ = recipe_commands(tmp_path, CPU_CLASS="bf16")
     assert schedule[:3] == ["benchmarks/cpu_schedule.py", "--cpu-class", "bf16"]
     assert schedule[3:7] == ["--minutes", "30", "--data-dir", "DATA"]  # the probe picks the schedule that fits
+    stage = schedule[schedule.index("--") + 1:]  # the flags the probe trains with, as the script passed them
     first, _ = train.parse_args(stage1[1:])
     second, _ = train.parse_args(stage2[1:])
     assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
@@ -169,7 +170,7 @@ def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
     assert second.init == str(tmp_path / "runs" / "stage1" / "last.pt")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from cpu_schedule import stage_flags
-    probed, _ = train.parse_args(stage_flags("DATA", "16 32 64 128 256", "256x384"))
+    probed, _ = train.parse_args(stage_flags("DATA", "16 32 64 128 256", "256x384", stage))
     for stage in (first, second):  # the probe times the step and counts the split that the stages train
         assert [getattr(probed, key) for key in ("data_dir", "batch_size", "val_cars", "workers", "seed", "device",
                                                  "features")] == \
@@ -254,7 +255,8 @@ def test_cpu_schedule_probes_each_size_once_and_prints_assignments_for_bash(tiny
             Schedule("4 8", 2, "32x48", 1, "64x96", "64x96", "second"))
     monkeypatch.setattr(cpu_schedule, "SCHEDULES", {"avx2": tiny})
     monkeypatch.setattr(sys, "argv", ["cpu_schedule.py", "--cpu-class", "avx2", "--minutes", "0.1", "--steps", "1",
-                                      "--data-dir", str(tiny_data), "--dir", str(tmp_path)])
+                                      "--data-dir", str(tiny_data), "--dir", str(tmp_path), "--",
+                                      "--batch-size", "2", "--val-cars", "1", "--workers", "0", "--device", "cpu"])
     cpu_schedule.main()
     out, err = capsys.readouterr()
     assert sorted(probes) == [32, 64]  # each size probed once, though both schedules train at both
