@@ -32,12 +32,13 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, per_image: bool = 
 
 def edge_weights(target: torch.Tensor, kernel: int, weight: float) -> torch.Tensor:
     """Pixel weights (N, 1, H, W): `weight` on the band around the mask's edge (where its kernel-wide box average is
-    neither car nor background), 1 elsewhere, scaled to a mean of 1 so the loss keeps its size."""
+    neither car nor background), 1 elsewhere, scaled to a mean of 1 in each image, so the loss keeps its size and an
+    image's loss does not depend on the others in its batch."""
     pad = kernel // 2  # a box filter is separable: a column average, then a row average; borders average what is there
     local = F.avg_pool2d(target.float(), (kernel, 1), stride=1, padding=(pad, 0), count_include_pad=False)
     local = F.avg_pool2d(local, (1, kernel), stride=1, padding=(0, pad), count_include_pad=False)
     w = 1 + (weight - 1) * ((local > 0.01) & (local < 0.99)).float()
-    return w / w.mean()
+    return w / w.mean(dim=(1, 2, 3), keepdim=True)
 
 
 def edge_kernel(height: int) -> int:

@@ -38,6 +38,18 @@ def test_edge_weight_makes_errors_on_the_outline_cost_more_than_errors_away_from
     assert torch.equal(bce_dice_loss(logits, mask), plain.loss(logits, mask))  # weight 1 is the plain loss
 
 
+def test_an_images_edge_weighted_loss_does_not_depend_on_the_rest_of_its_batch():
+    # validation sums per-image losses, so --batch-size (or the number of processes) must not change them
+    small, large = square_mask(lo=18, hi=22), square_mask(lo=4, hi=36)  # little outline, much outline
+    masks = torch.cat([small, large])
+    logits = torch.randn(masks.shape, generator=torch.Generator().manual_seed(0))
+    task = BinaryTask(edge_weight=5.0, edge_kernel=5)
+    together = task.loss(logits, masks, per_image=True)
+    alone = torch.cat([task.loss(logits[i:i + 1], masks[i:i + 1], per_image=True) for i in range(2)])
+    assert torch.allclose(together, alone, rtol=1e-6)
+    assert edge_weights(masks, kernel=5, weight=5.0).mean(dim=(1, 2, 3)).tolist() == pytest.approx([1.0, 1.0])
+
+
 def test_edge_kernel_scales_41_pixels_at_1024_and_stays_odd():
     assert edge_kernel(1024) == 41
     assert edge_kernel(1280) == 51 and edge_kernel(256) == 11 and edge_kernel(16) == 3
