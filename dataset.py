@@ -465,4 +465,6 @@ class SeededSampler(Sampler):
         return iter(zip(*self._order()))
 
     def __len__(self) -> int:
-        return len(self._order()[0])
+        """The items _order yields, counted without drawing the order."""
+        padded = self.n + (-self.n % self.world_size if self.shuffle else 0)
+        return max(0, len(range(self.rank, padded, self.world_size)) - self.skip)

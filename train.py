@@ -271,8 +271,9 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, opt: Optimizatio
     loss_sum = torch.tensor(progress["loss_sum"], device=setup.device)
     count = torch.tensor(progress["count"], device=setup.device)
     first_bad_step = torch.tensor(-1, device=setup.device)
+    last_step = first_step + len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs} train", leave=False, disable=not setup.is_main,
-               dynamic_ncols=True, initial=first_step, total=first_step + len(loader))
+               dynamic_ncols=True, initial=first_step, total=last_step)
     warmup_steps = fp32_warmup_steps(args, opt.scheduler)
     for step, (images, masks) in enumerate(bar, start=first_step + 1):
         images = images.to(setup.device, non_blocking=True, memory_format=setup.memory_format)
@@ -285,7 +286,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, opt: Optimizatio
         loss_sum += torch.where(finite, loss * images.shape[0], 0.0)
         count += torch.where(finite, images.shape[0], 0)
         first_bad_step = torch.where(~finite & (first_bad_step < 0), step, first_bad_step)
-        last = step == first_step + len(loader)
+        last = step == last_step
         if step % 10 == 0 or last:  # one host sync every 10 steps: the bar and the NaN check
             raise_if_loss_diverged(int(first_bad_step), epoch, opt.scaler)
             bar.set_postfix(loss=f"{(loss_sum / count.clamp_min(1)).item():.4f}",

@@ -179,3 +179,13 @@ def test_augmentation_off_leaves_the_geometry_alone():
         transform.set_random_seed(seed)
         out = transform(image=image, mask=mask)["mask"]
         assert np.array_equal(out, mask) or np.array_equal(out, mask[:, ::-1])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_sampler_length_is_what_it_yields_for_every_share_and_skip(shuffle):
+    for n, world_size in [(7, 1), (7, 2), (7, 3), (8, 4), (2, 3)]:
+        for rank in range(world_size):
+            sampler = ds.SeededSampler(n, seed=1, shuffle=shuffle, rank=rank, world_size=world_size)
+            for skip in (0, 1, 3, 9):
+                sampler.set_epoch(2, skip=skip)
+                assert len(sampler) == len(list(sampler)), (n, world_size, rank, skip)
