@@ -118,6 +118,13 @@ def groups_of(pairs: Sequence[tuple[Path, Path]]) -> list[str]:
     return sorted({group_of(image) for image, _ in pairs})
 
 
+def cars_on_both_sides(train_pairs: Sequence[tuple[Path, Path]], val_pairs: Sequence[tuple[Path, Path]]) -> list[str]:
+    """The Carvana-named cars with photos in both sets: a validation folder must hold all of a car's views or none."""
+    def cars(pairs: Sequence[tuple[Path, Path]]) -> set[str]:
+        return {car_id(image) for image, _ in pairs if is_carvana_name(image)}
+    return sorted(cars(train_pairs) & cars(val_pairs))
+
+
 def describe_pairs(pairs: Sequence[tuple[Path, Path]]) -> str:
     """'64 images (4 cars)' for Carvana-named images, else '40 images'."""
     text = plural(len(pairs), "image")

@@ -398,6 +398,11 @@ def load_split(args: argparse.Namespace, state: dict[str, Any] | None,
     pairs = checked_pairs(data_dir, args, setup)
     if args.val_dir:
         val_pairs = checked_pairs(Path(args.val_dir), args, setup)
+        if shared := ds.cars_on_both_sides(pairs, val_pairs):
+            raise utils.UserError(
+                f"{args.val_dir}: {utils.plural(len(shared), 'car')} also in {data_dir} ({', '.join(shared[:3])}"
+                f"{', ...' if len(shared) > 3 else ''}), so validation would score views of cars it trained on; "
+                f"move each car's photos into one of the two folders")
         return pairs, val_pairs, {"train": ds.groups_of(pairs), "val": ds.groups_of(val_pairs)}
     if state is not None and state.get("split"):
         split = state["split"]

@@ -130,6 +130,20 @@ def test_val_dir_replaces_the_split(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "[3 images at 32x48]" in capsys.readouterr().out
 
 
+def test_val_dir_sharing_a_car_with_the_training_folder_is_refused(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    data = synthetic.generate_synthetic(tmp_path / "train", cars=2, size=(48, 32), seed=0)
+    val = tmp_path / "val"
+    for folder in ("train", "train_masks"):  # one view of the first car in the validation folder too
+        (val / folder).mkdir(parents=True)
+        view = sorted((data / folder).iterdir())[0]
+        (val / folder / view.name).write_bytes(view.read_bytes())
+    car = ds.car_id(view.name.replace("_mask", ""))
+    assert train.main(["--data-dir", str(data), "--val-dir", str(val), "--out-dir", str(tmp_path / "run"), *TINY]) == 1
+    assert f"{val}: 1 car also in {data} ({car}), so validation would score views of cars it" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Several classes
 # ---------------------------------------------------------------------------------------------
