@@ -419,7 +419,7 @@ class SegmentationDataset(Dataset):
 
 
 class SharedPairCache:
-    """n (image, mask) pairs of one size in shared memory (4 bytes a pixel, allocated up front): what one
+    """n (image, mask) pairs of one size in shared memory (channels + 1 bytes a pixel, allocated up front): what one
     DataLoader worker decodes, all see."""
 
     def __init__(self, n: int, height: int, width: int, channels: int = 3):

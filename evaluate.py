@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
         if not pairs:
             raise utils.UserError(f"none of the validation cars or images of {args.checkpoint} are in "
                                   f"{config.data_dir}; pass --all to score every image there")
-    run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    run_dir = utils.run_folder(args.checkpoint)
     summary = (f"{ds.describe_pairs(pairs)} of {config.data_dir}{'' if args.all else ', held out from training'} "
                f"({args.checkpoint})")
     score(net, pairs, config, setup, run_dir, summary, args.tta, args.size)

@@ -103,8 +103,8 @@ def open_submission(path: Path | None) -> Iterator[Any]:
 # --- model ------------------------------------------------------------------------------------
 
 def load_segmentation_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
-    """(model in eval mode, channels_last, on device; its training size (height, width)) from a checkpoint, or
-    from export.py's ONNX file (run by ONNX Runtime on the CPU)."""
+    """(model in eval mode, in the device's memory format (utils.memory_format), on device; its training size
+    (height, width)) from a checkpoint, or from export.py's ONNX file (run by ONNX Runtime on the CPU)."""
     if checkpoint.suffix.lower() == ".onnx":
         from export import OnnxModel  # here, not at the top: the core install has no onnxruntime
         model = OnnxModel(checkpoint)
@@ -171,7 +171,7 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], sizes: Sequence[tuple
     (path, None, why) for an image that cannot be read; several input sizes average their probabilities;
     postprocess keeps a binary mask's largest region."""
     device = next(model.parameters()).device
-    dtype, layout = utils.autocast_dtype(device, amp), utils.memory_format(device)
+    dtype, memory_format = utils.autocast_dtype(device, amp), utils.memory_format(device)
     task = make_task(model.config["out_channels"])
     loader = DataLoader(ImageFiles(paths, sizes, model.config["in_channels"]), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda")
@@ -181,7 +181,7 @@ def predict_paths(model: nn.Module, paths: Sequence[Path], sizes: Sequence[tuple
             # (N, h, w, 3) uint8 permuted to (N, 3, h, w) is channels_last in memory already.
             x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
             with utils.autocast(device, dtype):
-                probs.append(predict_probabilities(model, x.contiguous(memory_format=layout), task, tta))
+                probs.append(predict_probabilities(model, x.contiguous(memory_format=memory_format), task, tta))
         for i, ((height, width), index, error) in enumerate(zip(originals.tolist(), indices.tolist(), errors)):
             mask = None
             if not error:  # upsample the probabilities, not the decided mask, so edges are smooth at full size
@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> None:
         for path in tqdm(paths, unit="img", desc="predict"):
             mask, problem = None, ""
             if path not in done:
-                _, mask, problem = next(predictions)
+                predicted, mask, problem = next(predictions)  # predict_paths keeps the order of its paths
+                assert predicted == path, (predicted, path)
                 if mask is not None:
                     save_outputs(path, mask, args.output, overlay=args.overlay, classes=classes)
             elif submission is not None:  # its row comes from the mask written before

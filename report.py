@@ -1,5 +1,6 @@
 """The validation report evaluate.py (so training's end too) writes into the checkpoint's folder: per_image.csv, worst
-Dice first as failures are what one looks for; errors/NAME.jpg, error maps; report.html, a page opening from disk."""
+Dice first as failures are what one looks for; errors/NAME.jpg, error maps; dice_histogram.png; report.html, a page
+opening from disk."""
 from __future__ import annotations
 
 import csv

@@ -7,8 +7,8 @@
     torchrun --nproc_per_node=4 train.py ...        # several GPUs (DistributedDataParallel)
 
 The run folder (--out-dir) receives last.pt, best.pt, config.json, split.json, metrics.csv, curves.png,
-predictions/ and, from best.pt scored at the end, per_image.csv and report.html (evaluate.py does the same for
-any checkpoint); segment photos with predict.py.
+predictions/ and, from best.pt scored at the end, per_image.csv, errors/, dice_histogram.png and report.html
+(evaluate.py does the same for any checkpoint); segment photos with predict.py.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
         parser.error(f"--ignore-index must be 0..255 (an 8-bit mask value), got {args.ignore_index}")
     args.data_dir = args.data_dir or ("data/synthetic" if args.synthetic else "data/carvana")
     if args.resume and not args.out_dir:
-        args.out_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
+        args.out_dir = str(utils.run_folder(args.resume))
     if args.workers is None:
         args.workers = default_workers(args.device)
     return args, state
@@ -179,15 +179,7 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
     train_loader = make_loader(train_pairs, args, setup, train=True)
     val_loader = make_loader(val_pairs, args, setup, train=False)
     opt = Optimization.create(net, args, setup.device, steps_per_epoch=len(train_loader))
-    start_epoch, best_dice, rows, progress = 1, -1.0, [], None
-    if state is not None:
-        opt.load_state_dict(state)
-        if opt.scheduler.total_steps != args.epochs * len(train_loader):  # the one-cycle schedule spans the run
-            raise utils.UserError(f"{args.resume} trains for {opt.scheduler.total_steps} steps, not "
-                                  f"{args.epochs * len(train_loader)}: resume with the run's --epochs and --batch-size")
-        torch.set_rng_state(state["rng"])
-        start_epoch, best_dice = state["epoch"] + 1, state["best_dice"]
-        rows, progress = list(state.get("metrics", [])), state.get("progress")
+    start_epoch, best_dice, rows, progress = restore(state, opt, args) if state is not None else (1, -1.0, [], None)
     if setup.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         utils.write_json(vars(args), out_dir / "config.json")
@@ -242,6 +234,25 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
     writer.wait()  # the last checkpoint is on disk before the run scores it
     if dist.is_initialized():
         dist.barrier()  # rank 0 has written the checkpoints
+    score_best(args, setup, out_dir, best_dice, val_pairs)
+    return 0
+
+
+def restore(state: dict[str, Any], opt: Optimization, args: argparse.Namespace
+            ) -> tuple[int, float, list[dict[str, float]], dict[str, float] | None]:
+    """Load a resumed run's optimiser, schedule and RNG; (first epoch, best Dice, metrics rows, progress in the epoch)."""
+    steps = opt.scheduler.total_steps  # this run's: --epochs times the batches of an epoch
+    opt.load_state_dict(state)
+    if opt.scheduler.total_steps != steps:  # the one-cycle schedule spans the run
+        raise utils.UserError(f"{args.resume} trains for {opt.scheduler.total_steps} steps, not {steps}: resume with "
+                              f"the run's --epochs and --batch-size")
+    torch.set_rng_state(state["rng"])
+    return state["epoch"] + 1, state["best_dice"], list(state.get("metrics", [])), state.get("progress")
+
+
+def score_best(args: argparse.Namespace, setup: Setup, out_dir: Path, best_dice: float,
+               val_pairs: Sequence[tuple[Path, Path]]) -> None:
+    """The end of a run: score its best checkpoint on the validation images at the original size, with the report."""
     # A run resumed into a new folder has no best.pt there unless it improved on the checkpoint's best (nor a
     # last.pt when the checkpoint had finished): then the newest checkpoint scores.
     best = next((path for path in (out_dir / "best.pt", out_dir / "last.pt") if path.is_file()), Path(str(args.resume)))
@@ -253,7 +264,6 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
     from evaluate import score  # here, since evaluate.py imports train.py
     score(utils.model_from_checkpoint(utils.load_checkpoint(best), best), val_pairs, args, setup, out_dir,
           f"{ds.describe_pairs(val_pairs)}, held out from training ({best})")
-    return 0
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, opt: Optimization, setup: Setup,

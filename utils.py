@@ -205,6 +205,12 @@ class CheckpointWriter:
             raise error
 
 
+def run_folder(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint file lies in, or the folder itself when given one."""
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint (or a run folder's last.pt) with weights_only=True: a pickle that would run code is refused."""
     path = Path(path)
@@ -319,10 +325,8 @@ def process_group() -> Iterator[tuple[int, int, int]]:
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         yield 0, 1, 0
         return
-    # Imported before the group starts, not lazily where the report draws: importing torchvision while a group
-    # lives keeps the group referenced past destroy_process_group (torch._dynamo, which it imports, does so alone
-    # too, but importing only that first still leaves train.py's group alive), and its gloo threads, still running
-    # at the interpreter's exit, then abort it now and then (SIGABRT).
+    # Imported before the group starts, not lazily where the report draws: imported while a group lives, it keeps
+    # the group alive past destroy_process_group, and the group's gloo threads then abort the exit now and then.
     import torchvision.utils  # noqa: F401
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
