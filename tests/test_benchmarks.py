@@ -251,17 +251,18 @@ def test_cpu_schedule_probes_each_size_once_and_prints_assignments_for_bash(tiny
     probes = []
     real_probe = recipe_epochs.probe
     monkeypatch.setattr(recipe_epochs, "probe", lambda *a: probes.append(a[0].height) or real_probe(*a))
-    tiny = (Schedule("4 8", 1000, "32x48", 1000, "64x96", "64x96 96x144", "first"),
+    tiny = (Schedule("4 8", 10**6, "32x48", 10**6, "64x96", "64x96 96x144", "first"),
             Schedule("4 8", 2, "32x48", 1, "64x96", "64x96", "second"))
     monkeypatch.setattr(cpu_schedule, "SCHEDULES", {"avx2": tiny})
-    monkeypatch.setattr(sys, "argv", ["cpu_schedule.py", "--cpu-class", "avx2", "--minutes", "0.1", "--steps", "1",
+    monkeypatch.setattr(sys, "argv", ["cpu_schedule.py", "--cpu-class", "avx2", "--minutes", "30", "--steps", "1",
                                       "--data-dir", str(tiny_data), "--dir", str(tmp_path), "--",
                                       "--batch-size", "2", "--val-cars", "1", "--workers", "0", "--device", "cpu"])
     cpu_schedule.main()
     out, err = capsys.readouterr()
     assert sorted(probes) == [32, 64]  # each size probed once, though both schedules train at both
     assert list(tmp_path.iterdir()) == []  # the timed checkpoint writes are removed
-    assert "chose: UNet 4 8: 2 epochs at 32x48, then 1 at 64x96" in err  # 1000 + 1000 epochs do not fit 6 s
+    # a million epochs a stage never fit 30 minutes and 2 + 1 always do, however slow or busy the CPU
+    assert "chose: UNet 4 8: 2 epochs at 32x48, then 1 at 64x96" in err
     shell = subprocess.run(["bash", "-c", f'{out}\necho "$CPU_CLASS|$FEATURES|$EPOCHS1|$SIZE1|$EPOCHS2|$SIZES"'],
                            env={**os.environ, "EPOCHS1": "3"}, capture_output=True, text=True, check=True)
     assert shell.stdout.strip() == "avx2|4 8|3|32x48|1|64x96"  # stdout is only assignments; the environment wins
