@@ -23,7 +23,7 @@ from PIL import ExifTags, Image
 from PIL.Image import Transpose
 from torch.utils.data import Dataset, Sampler
 
-from utils import plural
+from utils import UserError, plural
 
 IMAGE_DIR = "train"
 MASK_DIR = "train_masks"
@@ -210,8 +210,8 @@ def split_by_group(pairs: Sequence[tuple[Path, Path]], val_groups: float, seed: 
     """
     groups = groups_of(pairs)
     if len(groups) < 2:
-        raise ValueError(f"need at least 2 cars or images to split into train and validation, found "
-                         f"{len(groups)}; add images or pass --val-dir")
+        raise UserError(f"need at least 2 cars or images to split into train and validation, found "
+                        f"{len(groups)}; add images or pass --val-dir")
     n_val = round(val_groups * len(groups)) if 0 < val_groups < 1 else int(val_groups)
     n_val = min(max(n_val, 1), len(groups) - 1)
     shuffled = groups[:]

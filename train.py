@@ -401,8 +401,9 @@ def load_split(args: argparse.Namespace, state: dict[str, Any] | None,
         if dist.is_initialized():
             dist.barrier()
     if not ds.list_images(data_dir):
+        found = ("does not exist (is the path right?)" if not data_dir.exists() else "holds no training images")
         raise utils.UserError(
-            f"no training data in {data_dir}: expected {ds.LAYOUTS.replace('DIR', str(data_dir))}.\n"
+            f"{data_dir} {found}: expected {ds.LAYOUTS.replace('DIR', str(data_dir))}.\n"
             f"  Download Carvana (needs a Kaggle account):  python download.py --out {data_dir}\n"
             f"  Or train on the synthetic default:           python train.py --synthetic")
     pairs = checked_pairs(data_dir, args, setup)

@@ -130,6 +130,14 @@ def test_val_dir_replaces_the_split(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "[3 images at 32x48]" in capsys.readouterr().out
 
 
+def test_one_car_cannot_be_split_and_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = synthetic.generate_synthetic(tmp_path / "one", cars=1, size=(48, 32), seed=0)
+    assert train.main(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "error: need at least 2 cars or images to split" in err and "pass --val-dir" in err
+    assert "Traceback" not in err
+
+
 def test_val_dir_sharing_a_car_with_the_training_folder_is_refused(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     data = synthetic.generate_synthetic(tmp_path / "train", cars=2, size=(48, 32), seed=0)

@@ -71,10 +71,16 @@ def test_a_run_resumed_into_a_new_folder_ends_by_scoring_what_it_has(two_epoch_r
     assert "last.pt" in capsys.readouterr().out and (tmp_path / "again" / "per_image.csv").is_file()
 
 
-def test_empty_data_dir_exits_with_both_commands(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path / "nothing")],
+@pytest.mark.parametrize("exists", [False, True])
+def test_empty_data_dir_exits_with_both_commands(tmp_path, exists):
+    folder = tmp_path / "nothing"
+    if exists:
+        folder.mkdir()
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(folder)],
                             capture_output=True, text=True, cwd=train.Path(train.__file__).parent)
     assert result.returncode != 0
+    found = "holds no training images" if exists else "does not exist (is the path right?)"
+    assert f"{folder} {found}" in result.stderr  # a typo in the path is told apart from an empty folder
     assert "python download.py" in result.stderr
     assert "python train.py --synthetic" in result.stderr
     assert "Traceback" not in result.stderr
