@@ -133,8 +133,8 @@ def usable_pairs(data_dir: str | Path, skip_bad: bool = False, classes: int = 1,
             raise UserError(f"{report.summary()}. Fix or remove the files above, or pass --skip-bad "
                             f"to train on the {len(report.pairs)} good pairs.")
         if announce:
-            print(f"--skip-bad: training on {len(report.pairs)} good pairs, leaving out {report.skipped} "
-                  f"image(s) with errors", file=sys.stderr)
+            print(f"using the {len(report.pairs)} good pairs, leaving out {report.skipped} image(s) with the "
+                  f"errors above", file=sys.stderr)
     return report.pairs
 
 

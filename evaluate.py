@@ -64,6 +64,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     config.data_dir = args.data_dir or getattr(config, "val_dir", None) or config.data_dir
     config.batch_size = config.batch_size if args.batch_size is None else args.batch_size
     config.device = args.device
+    config.skip_bad = True  # score what can be read: the check lists the rest, and training's flag is not ours
     config.workers = default_workers(args.device) if args.workers is None else args.workers
     setup = Setup.create(config, rank, world_size, local_rank)
     pairs = checked_pairs(Path(config.data_dir), config, setup)

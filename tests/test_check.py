@@ -346,7 +346,7 @@ def test_usable_pairs_refuses_errors_unless_skip_bad(data, capsys):
     assert f"error: {mask_of(data, 1)}: values {{0, 1, 7}}" in capsys.readouterr().err
     good = cd.usable_pairs(data, skip_bad=True)
     assert good == [pair for i, pair in enumerate(ds.find_pairs(data)) if i != 1]
-    assert "--skip-bad: training on 3 good pairs, leaving out 1 image(s)" in capsys.readouterr().err
+    assert "using the 3 good pairs, leaving out 1 image(s)" in capsys.readouterr().err
     assert cd.usable_pairs(data, skip_bad=True, announce=False) == good  # the other processes of a run stay quiet
     assert capsys.readouterr().err == ""
 

@@ -1,5 +1,7 @@
 """evaluate.py: a checkpoint's scores at the training size and at the original size, on its held-out images."""
 import csv
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,22 @@ def test_evaluate_prints_metrics_at_both_resolutions(run_dir, synthetic_dir, cap
     assert sum(row.startswith("64x96, one region") for row in rows) == 2
     assert "mean Dice at the original size without TTA, by threshold: 0.3: " in out
     assert len((run_dir / "per_image.csv").read_text().splitlines()) == 1 + 16  # the header, then each image
+
+
+def test_a_broken_photo_is_listed_and_left_out_not_a_reason_to_score_nothing(run_dir, synthetic_dir, tmp_path,
+                                                                              capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    trained = json.loads((run_dir / "split.json").read_text())["train"][0]
+    broken = sorted((data / "train").glob(f"{trained}_*.jpg"))[0]
+    broken.write_bytes(b"")  # a training car's photo: the held-out cars can still be scored
+    copy = tmp_path / "run"  # the report goes into the checkpoint's folder: keep the module's run as it is
+    copy.mkdir()
+    shutil.copy(run_dir / "best.pt", copy / "best.pt")
+    assert evaluate.main(["--checkpoint", str(copy / "best.pt"), "--data-dir", str(data), "--workers", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{broken}: " in err and "leaving out 1 image(s) with the errors above" in err and "--skip-bad" not in err
+    assert "16 images (1 car)" in out and "held out from training" in out
 
 
 def test_original_size_rows_score_what_predict_writes_at_several_sizes(run_dir, synthetic_dir, capsys, monkeypatch):

@@ -101,7 +101,7 @@ def test_bad_data_is_refused_and_skip_bad_trains_on_the_rest(synthetic_dir, tmp_
 
     assert train.main([*args, "--skip-bad"]) == 0
     err = capsys.readouterr().err
-    assert "training on 63 good pairs, leaving out 1" in err
+    assert "using the 63 good pairs, leaving out 1" in err
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["train"]) + len(split["val"]) == 4
 
