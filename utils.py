@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
 
@@ -218,6 +219,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):  # torch.save's format: else the pickle loader's errors would call it unsafe
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (truncated, or another kind of file); train.py "
+                              f"writes them as RUN/last.pt and RUN/best.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # arbitrary bytes make torch's loader fail in many ways (KeyError, OSError, ...)

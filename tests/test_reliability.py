@@ -168,6 +168,15 @@ class Payload:
         return (os.system, (f"touch {self.MARKER}",))
 
 
+@pytest.mark.parametrize("content", [b"# README\n", b"", b"PK\x03\x04 cut short"])
+def test_a_file_that_is_no_checkpoint_is_called_that_not_unsafe(tmp_path, content):
+    other = tmp_path / "notes.md"
+    other.write_bytes(content)
+    with pytest.raises(utils.CheckpointError, match="not a PyTorch checkpoint") as error:
+        utils.load_checkpoint(other)
+    assert "refused" not in str(error.value)
+
+
 def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     Payload.MARKER = marker
