@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start from another run's weights and split (e.g. one at a smaller size: progressive "
                           "resizing), with a new optimiser and schedule; its validation cars stay held out")
     run.add_argument("--resume", metavar="PATH",
-                     help="checkpoint (or run folder: its last.pt) to continue, with its settings unless given here")
+                     help="checkpoint (or run folder: its last.pt) to continue, with its settings unless given here; "
+                          "--epochs and --batch-size stay the run's, since its learning-rate schedule spans them")
     return p
 
 
@@ -185,7 +186,9 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
         utils.write_json(vars(args), out_dir / "config.json")
         utils.write_json(split, out_dir / "split.json")
         print(describe_run(args, setup, net, train_pairs, val_pairs, opt) + f"; run folder {out_dir}")
-        if start_epoch > 1 or progress:
+        if start_epoch > args.epochs:
+            print(f"{args.resume} finished all {args.epochs} epochs: nothing to train, scoring it again")
+        elif start_epoch > 1 or progress:
             print(f"resuming at epoch {start_epoch}" + (f", step {progress['step']}" if progress else ""))
 
     def checkpoint(epoch: int, progress: dict[str, float] | None = None) -> dict[str, Any]:

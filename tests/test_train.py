@@ -68,7 +68,9 @@ def test_resume_with_other_epochs_is_refused_in_one_line_and_changes_nothing(two
 def test_a_run_resumed_into_a_new_folder_ends_by_scoring_what_it_has(two_epoch_run, tmp_path, capsys):
     # Finished before the resume, it trains nothing: no best.pt or last.pt in the new folder.
     assert train.main(["--resume", str(two_epoch_run / "last.pt"), "--out-dir", str(tmp_path / "again")]) == 0
-    assert "last.pt" in capsys.readouterr().out and (tmp_path / "again" / "per_image.csv").is_file()
+    out = capsys.readouterr().out
+    assert "last.pt" in out and (tmp_path / "again" / "per_image.csv").is_file()
+    assert "finished all 2 epochs: nothing to train" in out and "resuming at epoch" not in out
 
 
 @pytest.mark.parametrize("exists", [False, True])
