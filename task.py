@@ -79,7 +79,7 @@ class BinaryTask:
 
     classes = 1
     ignore_index = 255  # no pixel of a binary mask holds it
-    best_name = "Dice"  # what best.pt is chosen by
+    best_name = "Dice (over all pixels)"  # what best.pt is chosen by
     # evaluate.py's table: (title, metrics key, column width), then what the columns mean.
     table = (("mean Dice", "mean_dice", 10), ("Dice", "dice", 9), ("mean IoU", "mean_iou", 10),
              ("IoU", "iou", 9), ("accuracy", "acc", 10))
