@@ -6,7 +6,8 @@
 
 At the original size the probabilities are upsampled bilinearly before the decision (threshold, or
 the likeliest class), exactly as predict.py makes its masks (with --size, from the model's inputs at those
-sizes, averaged). The images and settings (size, classes, split) are the checkpoint's own.
+sizes, averaged). The images and settings (size, classes, split) are the checkpoint's own. Each scoring writes
+per_image.csv, errors/ and report.html into the checkpoint's folder, replacing those of the last one.
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def score(net: torch.nn.Module, pairs: Sequence[tuple[Path, Path]], config: argp
         if per_image.threshold_dice:
             print("mean Dice at the original size without TTA, by threshold: "
                   + "  ".join(f"{t}: {dice:.4f}" for t, dice in per_image.threshold_dice.items()))
-        write_report(per_image, summary)
+        inputs = utils.describe_sizes(sizes or [(config.height, config.width)])
+        write_report(per_image, f"{summary}; the model's input{'s' if ' + ' in inputs else ''}: {inputs}")
         print(f"per-image scores, worst first: {run_dir / 'per_image.csv'}; report: {run_dir / 'report.html'}")
 
 

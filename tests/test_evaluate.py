@@ -58,6 +58,7 @@ def test_original_size_rows_score_what_predict_writes_at_several_sizes(run_dir, 
     assert evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(synthetic_dir),
                           "--workers", "0", "--size", "32x48", "48x64"]) == 0
     assert "the probabilities at inputs of 32x48 + 48x64 (averaged, " in capsys.readouterr().out
+    assert "the model&#x27;s inputs: 32x48 + 48x64" in (run_dir / "report.html").read_text()  # what it scored
     with open(run_dir / "per_image.csv", newline="") as f:
         rows = {row["image"]: row for row in csv.DictReader(f)}
     model, _ = predict.load_segmentation_model(run_dir / "best.pt", torch.device("cpu"))

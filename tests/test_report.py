@@ -58,6 +58,7 @@ def test_per_image_csv_and_report_list_every_validation_image_worst_first(run_di
         assert (run_dir / name).is_file(), name
     assert len([name for name in page.links if name.startswith("errors/")]) == 16
     assert '"epochs": 1' in text  # the config
+    assert "the model's input: 32x48" in text  # scored from inputs at the training size
 
 
 def test_error_maps_mark_false_positives_and_negatives_even_in_a_thumbnail():
