@@ -44,6 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's)")
     parser.add_argument("--workers", type=int, help="data-loading processes, 0: the main process (default: train's)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cuda:1, mps, cpu")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
+                        help="mixed precision, as predict.py's (default: the run's, which is auto unless it was set)")
     args = parser.parse_args(argv)
     if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
         parser.error("--batch-size must be at least 1 and --workers 0 or more")
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     config.data_dir = args.data_dir or getattr(config, "val_dir", None) or config.data_dir
     config.batch_size = config.batch_size if args.batch_size is None else args.batch_size
     config.device = args.device
+    config.amp = args.amp or config.amp
     config.skip_bad = True  # score what can be read: the check lists the rest, and training's flag is not ours
     config.workers = default_workers(args.device) if args.workers is None else args.workers
     setup = Setup.create(config, rank, world_size, local_rank)

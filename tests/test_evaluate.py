@@ -23,6 +23,14 @@ def run_dir(synthetic_dir, tmp_path_factory) -> Path:
     return one_epoch_run(synthetic_dir, tmp_path_factory.mktemp("run"), "--num-predictions", "0")
 
 
+def scratch_copy(run_dir: Path, tmp_path: Path) -> Path:
+    """A folder holding a copy of the run's best.pt: evaluate.py writes its report beside the checkpoint."""
+    copy = tmp_path / "run"
+    copy.mkdir()
+    shutil.copy(run_dir / "best.pt", copy / "best.pt")
+    return copy
+
+
 def test_evaluate_prints_metrics_at_both_resolutions(run_dir, synthetic_dir, capsys):
     assert evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(synthetic_dir),
                           "--workers", "0", "--tta"]) == 0
@@ -43,13 +51,22 @@ def test_a_broken_photo_is_listed_and_left_out_not_a_reason_to_score_nothing(run
     trained = json.loads((run_dir / "split.json").read_text())["train"][0]
     broken = sorted((data / "train").glob(f"{trained}_*.jpg"))[0]
     broken.write_bytes(b"")  # a training car's photo: the held-out cars can still be scored
-    copy = tmp_path / "run"  # the report goes into the checkpoint's folder: keep the module's run as it is
-    copy.mkdir()
-    shutil.copy(run_dir / "best.pt", copy / "best.pt")
+    copy = scratch_copy(run_dir, tmp_path)
     assert evaluate.main(["--checkpoint", str(copy / "best.pt"), "--data-dir", str(data), "--workers", "0"]) == 0
     out, err = capsys.readouterr()
     assert f"{broken}: " in err and "leaving out 1 image(s) with the errors above" in err and "--skip-bad" not in err
     assert "16 images (1 car)" in out and "held out from training" in out
+
+
+def test_amp_is_the_runs_unless_given(run_dir, synthetic_dir, tmp_path, monkeypatch):
+    seen = []
+    create = evaluate.Setup.create
+    monkeypatch.setattr(evaluate.Setup, "create", lambda config, *a: seen.append(config.amp) or create(config, *a))
+    copy = scratch_copy(run_dir, tmp_path)
+    for extra in ([], ["--amp", "off"]):
+        assert evaluate.main(["--checkpoint", str(copy / "best.pt"), "--data-dir", str(synthetic_dir),
+                              "--workers", "0", *extra]) == 0
+    assert seen == [utils.load_checkpoint(run_dir / "best.pt")["config"]["amp"], "off"]
 
 
 def test_original_size_rows_score_what_predict_writes_at_several_sizes(run_dir, synthetic_dir, capsys, monkeypatch):
