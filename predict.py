@@ -48,7 +48,9 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
             found = sorted(p for p in item.iterdir()
                            if p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p) and p.is_file())
             if not found:
-                raise UserError(f"{item}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+                below = sorted(str(d) for d in item.iterdir() if d.is_dir() and not is_hidden(d))
+                hint = f"; the photos may be in a folder below it: {', '.join(below[:4])}" if below else ""
+                raise UserError(f"{item}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder{hint}")
             images += found
         elif item.is_file():
             if item.suffix.lower() not in IMAGE_EXTENSIONS:

@@ -269,6 +269,9 @@ def test_folder_without_images(tmp_path: Path, checkpoint: Path, capsys: pytest.
     (empty / "readme.txt").write_text("")
     assert run_main("--checkpoint", checkpoint, "--input", empty, "--output", tmp_path / "out") == 2
     assert_user_error(capsys, empty, "no images")
+    (empty / "test").mkdir()  # a dataset's root, say, whose photos lie in test/
+    assert run_main("--checkpoint", checkpoint, "--input", empty, "--output", tmp_path / "out") == 2
+    assert_user_error(capsys, empty, f"may be in a folder below it: {empty / 'test'}")
 
 
 @pytest.mark.parametrize("problem", [
