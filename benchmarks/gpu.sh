@@ -7,12 +7,13 @@
 #   bash benchmarks/gpu.sh              # there, with .whl carried; results in $OUT (else ./gpu-results)
 #
 # $OUT gets few files: gpu.md (the machine, then every table in order) and one JSON per measurement.
-# Knobs (environment): SYNTH (/tmp/synth), CARS (318), SIZE (1918x1280), WORKERS (cores - 2),
+# Knobs (environment): SYNTH (/tmp/synth), CARS (318), SIZE (1280x1918), WORKERS (cores - 2),
 # PAIRS (3), STEPS (20), IMAGES (256, for the loader rows), FULL_BATCH (4: fp32 at 1280x1918 needs
 # about 10 GB an image), EPOCH_BATCHES ("32 8": a train.py epoch at each), FEATURES (64 128 256 512),
 # DEVICE (cuda), COMPILE (1: also time the compiled model at full size).
-# A CPU smoke run of the Python parts, on an existing dataset:
-#   DEVICE=cpu SYNTH=DIR FEATURES="4 8" PAIRS=1 STEPS=2 FULL_BATCH=1 IMAGES=16 COMPILE=0 OUT=/tmp/gpu-smoke bash benchmarks/gpu.sh
+# A CPU smoke run (tests/test_benchmarks.py runs it):
+#   DEVICE=cpu CARS=2 SIZE=64x96 FEATURES="4 8" PAIRS=1 STEPS=2 FULL_BATCH=1 IMAGES=16 EPOCH_BATCHES=8 COMPILE=0 \
+#     SYNTH=/tmp/gpu-smoke-data OUT=/tmp/gpu-smoke bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-results}
@@ -20,7 +21,7 @@ mkdir -p "$OUT"
 source benchmarks/gpu_wheels.sh  # albumentations from the carried wheels, where the image lacks it
 SYNTH=${SYNTH:-/tmp/synth}
 CARS=${CARS:-318}
-SIZE=${SIZE:-1918x1280}
+SIZE=${SIZE:-1280x1918}
 WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 PAIRS=${PAIRS:-3}
 STEPS=${STEPS:-20}
@@ -38,7 +39,7 @@ MD="$OUT/gpu.md"
 if [ ! -d "$SYNTH/train" ]; then
   echo "generating $CARS synthetic cars at $SIZE in $SYNTH" | tee -a "$MD"
   start=$SECONDS
-  python3 dataset.py synthetic --out "$SYNTH" --cars "$CARS" --size "$SIZE" 2>&1 | tail -1 | tee -a "$MD"
+  python3 synthetic.py --out "$SYNTH" --cars "$CARS" --size "$SIZE" 2>&1 | tail -1 | tee -a "$MD"
   echo "(generation took $(( SECONDS - start )) s)" | tee -a "$MD"
 fi
 

@@ -78,9 +78,34 @@ def test_bench_checkpoint_times_both_ways_of_saving_and_leaves_nothing_behind(tm
     assert not folder.exists()  # its files removed
 
 
-def test_gpu_scripts_parse():
-    for script in ("gpu.sh", "gpu_recipe.sh"):
-        subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
+def run_bash_script(script: str, *argv: str, **knobs: str) -> None:
+    """benchmarks/SCRIPT run on the CPU with its tiny knobs; the output ends the failure message."""
+    result = subprocess.run(["bash", f"benchmarks/{script}", *argv], cwd=ROOT, env={**os.environ, **knobs},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+def test_gpu_sh_runs_end_to_end_on_the_cpu_with_tiny_knobs(tmp_path):
+    # A lent GPU's minutes are few: its one command must not fail on what a CPU can find first.
+    out = tmp_path / "out"
+    run_bash_script("gpu.sh", DEVICE="cpu", CARS="2", SIZE="64x96", FEATURES="4 8", PAIRS="1", STEPS="2",
+                    FULL_BATCH="1", IMAGES="16", EPOCH_BATCHES="8", COMPILE="0", WORKERS="1",
+                    SYNTH=str(tmp_path / "synth"), OUT=str(out))
+    report = (out / "gpu.md").read_text()
+    assert "wrote 32 synthetic image/mask pairs (2 cars x 16 views, 64x96," in report and "(failed" not in report
+    assert {p.name for p in out.glob("*.json")} == {"train-160x240.json", "train-1280x1918.json",
+                                                     "epoch-160x240-b8.json"}
+
+
+def test_gpu_recipe_runs_end_to_end_on_the_cpu_with_tiny_knobs(tmp_path):
+    data = write_tiny_carvana(tmp_path / "data", cars=5, size=(96, 64))  # the recipe holds out 4 cars
+    out = tmp_path / "out"
+    run_bash_script("gpu_recipe.sh", str(data), SIZE="32x48", FEATURES="4 8", DEVICE="cpu", MINUTES="0.1",
+                    OUT=str(out))
+    recipe = (out / "recipe.md").read_text()
+    assert "--height 32 --width 48 --features 4 8" in recipe and "full Kaggle training set" in recipe
+    assert "(16 training images," in recipe  # one car trains, four are held out
+    assert "64x96 (original)" in (out / "evaluate.log").read_text()
 
 
 def test_recipe_epochs_fit_the_budget_from_a_measured_probe(tiny_data, tmp_path):
