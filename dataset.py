@@ -2,7 +2,7 @@
 the albumentations transforms, the Dataset with its shared cache, and the sampler that serves it.
 
 Kaggle's layout, once `train.zip` and `train_masks.zip` are extracted into DIR:
-    DIR/train/{car_id}_{view:02d}.jpg          1918x1280 RGB photos, 16 views per car
+    DIR/train/{car_id}_{view:02d}.jpg          1280x1918 RGB photos, 16 views per car
     DIR/train_masks/{car_id}_{view:02d}_mask.gif  palette GIFs holding 0 (background) and 1 (car)
 
 The generic layout, for any other dataset:

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from dataset import GENERIC, KAGGLE, list_images, list_masks, mask_path_for
-from utils import UserError, parallel_map, plural, run_program, save_mask_png, usable_cpus
+from utils import UserError, parallel_map, parse_size, plural, run_program, save_mask_png, usable_cpus
 
 # A car is a few convex prisms (lower body, cabin, door mirrors) and four wheel cylinders, in car
 # coordinates: x forward, y to the car's left, z up, in metres, origin on the floor under its middle.
@@ -350,7 +350,7 @@ def _synthetic_params(cars: int, width: int, height: int, seed: int, classes: in
     if cars < 1:
         raise ValueError(f"cars must be at least 1, got {cars}")
     if width < 32 or height < 32:
-        raise ValueError(f"size must be at least 32x32, got {width}x{height}")
+        raise ValueError(f"size must be at least 32x32, got {height}x{width} (height x width)")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if classes is not None and classes not in SYNTHETIC_CLASSES:
@@ -456,28 +456,19 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
     if classes is not None:
         kind = ", classes " + ", ".join(f"{i} {name}" for i, name in enumerate(SYNTHETIC_CLASSES[classes]))
     print(f"wrote {pairs} synthetic image/mask pairs ({plural(cars, 'car')} x {SYNTHETIC_VIEWS} views, "
-          f"{width}x{height}, seed {seed}{kind}) to {out} in {time.perf_counter() - start:.1f} s")
+          f"{height}x{width}, seed {seed}{kind}) to {out} in {time.perf_counter() - start:.1f} s")
     return out
 
 
 # --- command line -----------------------------------------------------------------------------
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'480x320' -> (480, 320)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 480x320 (width x height), got {text!r}") from None
-    return width, height
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """synthetic.py's command line; values generate_synthetic would refuse are argparse errors (exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder to write (default: data/synthetic, or data/synthetic-Nclass)")
     parser.add_argument("--cars", type=int, default=24, help="number of cars, 16 views each (default: %(default)s)")
-    parser.add_argument("--size", type=parse_size, default="480x320", metavar="WxH",
-                        help="image size (default: %(default)s; Kaggle's is 1918x1280)")
+    parser.add_argument("--size", type=parse_size, default="320x480", metavar="HxW",
+                        help="image height x width, as every size here (default: %(default)s; Kaggle's is 1280x1918)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=usable_cpus(), help="processes rendering (default: one a core)")
     parser.add_argument("--classes", type=int, default=None, choices=sorted(SYNTHETIC_CLASSES),
@@ -485,7 +476,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              + "; ".join(f"{n}: {', '.join(names)}" for n, names in SYNTHETIC_CLASSES.items()))
     args = parser.parse_args(argv)
     try:
-        _synthetic_params(args.cars, *args.size, args.seed, args.classes)
+        _synthetic_params(args.cars, args.size[1], args.size[0], args.seed, args.classes)
     except ValueError as e:
         parser.error(str(e))
     return args
@@ -497,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or ("data/synthetic" if args.classes is None else f"data/synthetic-{args.classes}class")
 
     def run() -> None:  # generate_synthetic returns the folder, not an exit status
-        generate_synthetic(out, cars=args.cars, size=args.size, seed=args.seed, classes=args.classes,
+        generate_synthetic(out, cars=args.cars, size=args.size[::-1], seed=args.seed, classes=args.classes,
                            workers=args.workers)
 
     return run_program(run)

@@ -4,7 +4,7 @@
 
 Timed per photo, as predict.py runs it once the photo is decoded at the training size: the model (on a batch
 of 1, and of --batch-size copies of the photo, predict.py's default batch), the probabilities, the upsampling
-to the photo's own size (1918x1280 for Carvana) and the threshold; the forward pass is also timed alone. The
+to the photo's own size (1280x1918 for Carvana) and the threshold; the forward pass is also timed alone. The
 sides alternate within each run, after 2 warm-up runs; the table gives medians. Then the full-size masks of
 --agreement photos are compared pixel by pixel, ONNX Runtime against each PyTorch side.
 """

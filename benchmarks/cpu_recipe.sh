@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU recipe on the 32 shared Carvana cars (28 train, 4 held out by id), in two stages of progressive
-# resizing, then scored at 1918x1280 with and without flip TTA and one-region post-processing:
+# resizing, then scored at 1280x1918 with and without flip TTA and one-region post-processing:
 #
 #   bash benchmarks/cpu_recipe.sh ../shared/carvana [RUNS_DIR]       # RUNS_DIR default runs/carvana-cpu
 #

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full-resolution GPU recipe on the 32 shared Carvana cars (28 train, 4 held out by id), timed, then
-# scored at 1918x1280 with and without flip TTA and one-region post-processing. One command for a lent H200:
+# scored at 1280x1918 with and without flip TTA and one-region post-processing. One command for a lent H200:
 #
 #   here, once:  mkdir -p data/shared-carvana && cp -r ../shared/carvana/train ../shared/carvana/train_masks \
 #                    data/shared-carvana/        # 54 MB, inside data/ which git ignores

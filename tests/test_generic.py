@@ -246,7 +246,7 @@ def test_ignored_pixels_change_neither_loss_nor_metrics() -> None:
 
 def test_multiclass_synthetic_masks_refine_the_binary_ones(tmp_path: Path) -> None:
     binary = synthetic.generate_synthetic(tmp_path / "binary", cars=1, size=(64, 48), seed=4)
-    assert synthetic.main(["--classes", "4", "--out", str(tmp_path / "multi"), "--cars", "1", "--size", "64x48",
+    assert synthetic.main(["--classes", "4", "--out", str(tmp_path / "multi"), "--cars", "1", "--size", "48x64",
                            "--seed", "4"]) == 0
     multi = tmp_path / "multi"
     seen = set()

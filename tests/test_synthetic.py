@@ -162,7 +162,7 @@ def test_two_cars_with_one_id_are_refused(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli"
-    assert synthetic.main(["--out", str(out), "--cars", "1", "--size", "64x48", "--seed", "3"]) == 0
+    assert synthetic.main(["--out", str(out), "--cars", "1", "--size", "48x64", "--seed", "3"]) == 0
     assert "wrote 16 synthetic image/mask pairs" in capsys.readouterr().out
     assert ds.load_mask(ds.find_pairs(out)[0][1]).shape == (48, 64)
     for bad in (["--size", "64by48"], ["--size", "16x48"], ["--cars", "0"], ["--classes", "5"]):
@@ -170,7 +170,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
             synthetic.main(["--out", str(out), *bad])
         assert error.value.code == 2, bad
     capsys.readouterr()
-    assert synthetic.main(["--out", str(out), "--cars", "2", "--size", "64x48", "--seed", "3"]) == 1
+    assert synthetic.main(["--out", str(out), "--cars", "2", "--size", "48x64", "--seed", "3"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert re.search(r"made with cars=1 .*, not cars=2 .*; choose another --out or delete it", err)
