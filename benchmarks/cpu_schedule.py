@@ -10,7 +10,7 @@ that needs the smallest cut is cut to fit, both stages in proportion, and its Di
 --minutes (or with 0) the class's best schedule is taken as it is, without a probe.
 
 The estimates go to stderr; stdout gets shell assignments that benchmarks/cpu_recipe.sh evaluates, each keeping a
-value the environment already gives (EPOCHS1=... bash benchmarks/cpu_recipe.sh).
+value the environment already gives (EPOCHS1=... bash benchmarks/cpu_recipe.sh DATA_DIR).
 """
 from __future__ import annotations
 

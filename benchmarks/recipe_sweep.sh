@@ -6,13 +6,14 @@
 #   bash benchmarks/recipe_sweep.sh DATA_DIR [RUNS_DIR]     # RUNS_DIR default /tmp/sweep
 #
 # Eight train.py processes share the GPU, one loader worker each. Summaries: RUNS_DIR/NAME.sum.
+# Knobs (environment): DEVICE (cuda). Relative paths are taken from the repository's root, as in the other scripts.
 set -u
+cd "$(dirname "$0")/.."
 DATA=${1:?usage: recipe_sweep.sh DATA_DIR [RUNS_DIR]}
 R=${2:-/tmp/sweep}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
 one() {
   name=$1; shift
   python3 train.py --data-dir "$DATA" --val-cars 4 --workers 1 --device "$DEVICE" --num-predictions 0 \
