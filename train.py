@@ -243,7 +243,7 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
 
 def restore(state: dict[str, Any], opt: Optimization, args: argparse.Namespace
             ) -> tuple[int, float, list[dict[str, float]], dict[str, float] | None]:
-    """Load a resumed run's optimiser, schedule and RNG; (first epoch, best Dice, metrics rows, progress in the epoch)."""
+    """Load a resumed run's optimiser, schedule and RNG; returns (first epoch, best Dice, metrics rows, progress)."""
     steps = opt.scheduler.total_steps  # this run's: --epochs times the batches of an epoch
     opt.load_state_dict(state)
     if opt.scheduler.total_steps != steps:  # the one-cycle schedule spans the run
