@@ -66,8 +66,8 @@ class CheckReport:
         return not self.errors
 
     def summary(self) -> str:
-        """'512 pairs checked: 510 good, 2 errors, 1 note'."""
-        return (f"{plural(len(self.pairs) + self.skipped, 'pair')} checked: {len(self.pairs)} good, "
+        """'512 images checked: 510 good pairs, 2 errors, 1 note'."""
+        return (f"{plural(len(self.pairs) + self.skipped, 'image')} checked: {plural(len(self.pairs), 'good pair')}, "
                 f"{plural(len(self.errors), 'error')}, {plural(len(self.notes), 'note')}")
 
 

@@ -85,7 +85,7 @@ def test_a_good_dataset_passes(data, capsys):
     assert report.ok and report.skipped == 0 and not report.notes
     assert report.pairs == ds.find_pairs(data)
     code, lines = run_check(data, capsys)
-    assert code == 0 and lines == ["4 pairs checked: 4 good, 0 errors, 0 notes"]
+    assert code == 0 and lines == ["4 images checked: 4 good pairs, 0 errors, 0 notes"]
 
 
 def test_photo_without_mask(data, capsys):
@@ -94,7 +94,7 @@ def test_photo_without_mask(data, capsys):
     assert "add the mask or delete the photo" in line
     report = cd.check_dataset(data, progress=False)
     assert len(report.pairs) == 3 and report.skipped == 1
-    assert report.summary() == "4 pairs checked: 3 good, 1 error, 0 notes"
+    assert report.summary() == "4 images checked: 3 good pairs, 1 error, 0 notes"
 
 
 def test_mask_without_photo(data, capsys):
@@ -170,7 +170,7 @@ def test_masks_holding_0_and_255_are_accepted(data, capsys):
     colours = [0, 0, 0] + [255, 0, 0] * 254 + [255, 255, 255]  # not grey: stays 'P', indices 0 and 255
     write_mask(mask_of(data, 1), car=255, palette=colours)
     assert {Image.open(mask_of(data, i)).mode for i in (0, 1)} == {"L", "P"}
-    assert run_check(data, capsys) == (0, ["4 pairs checked: 4 good, 0 errors, 0 notes"])
+    assert run_check(data, capsys) == (0, ["4 images checked: 4 good pairs, 0 errors, 0 notes"])
     assert ds.load_mask(mask_of(data, 0)).max() == ds.load_mask(mask_of(data, 1)).max() == 1
 
 
@@ -204,7 +204,7 @@ def test_photo_modes_are_noted_and_loaded_as_rgb(data, capsys, write, mode, word
     expected = write(photo(data, 1))
     code, lines = run_check(data, capsys)
     assert code == 0
-    assert lines[0] == "4 pairs checked: 4 good, 0 errors, 1 note"
+    assert lines[0] == "4 images checked: 4 good pairs, 0 errors, 1 note"
     assert lines[1].startswith("note:") and str(photo(data, 1)) in lines[1]
     assert words in lines[1] and mode[:1] in lines[1]
     assert len(cd.check_dataset(data, progress=False).pairs) == 4
@@ -231,6 +231,8 @@ def test_empty_or_missing_folder_is_one_error_naming_the_layout(tmp_path, capsys
     assert code == 1 and len(lines) == 2, lines
     assert str(data) in lines[1]
     assert "DIR/train/*.jpg" in lines[1] and "DIR/train_masks/*_mask.gif" in lines[1]
+    photos = 4 if layout == "no masks" else 0  # photos without masks are no pairs: counted as images
+    assert lines[0] == f"{photos} image{'' if photos == 1 else 's'} checked: 0 good pairs, 1 error, 0 notes"
 
 
 def test_hidden_files_are_ignored(data, capsys):
@@ -238,7 +240,7 @@ def test_hidden_files_are_ignored(data, capsys):
     (data / "train" / ".DS_Store").write_bytes(b"\0")
     (data / "train_masks" / "._000000000000_01_mask.gif").write_bytes(b"junk")
     (data / "train_masks" / ".DS_Store").write_bytes(b"")
-    assert run_check(data, capsys) == (0, ["4 pairs checked: 4 good, 0 errors, 0 notes"])
+    assert run_check(data, capsys) == (0, ["4 images checked: 4 good pairs, 0 errors, 0 notes"])
 
 
 def test_no_traceback_when_pil_raises_something_unexpected(data, monkeypatch):
@@ -341,7 +343,7 @@ def test_usable_pairs_of_a_good_dataset(data, capsys):
 
 def test_usable_pairs_refuses_errors_unless_skip_bad(data, capsys):
     write_mask(mask_of(data, 1), extra=7, palette=GREY_PALETTE)
-    with pytest.raises(UserError, match="4 pairs checked: 3 good, 1 error.*--skip-bad to train on the 3 good pairs"):
+    with pytest.raises(UserError, match="4 images checked: 3 good pairs, 1 error.*--skip-bad to train on the 3 good pairs"):
         cd.usable_pairs(data)
     assert f"error: {mask_of(data, 1)}: values {{0, 1, 7}}" in capsys.readouterr().err
     good = cd.usable_pairs(data, skip_bad=True)
@@ -378,7 +380,7 @@ def test_the_program_names_every_broken_file(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     lines = run.stdout.splitlines()
-    assert lines[0] == "8 pairs checked: 3 good, 6 errors, 0 notes"
+    assert lines[0] == "8 images checked: 3 good pairs, 6 errors, 0 notes"
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 6
     for path in broken:
