@@ -21,7 +21,7 @@ from task import make_task
 from utils import UserError
 
 TOLERANCE = 1e-4  # both fp32: only the summation order differs (BENCHMARKS.md); baked padding, wrong weights: far more
-METADATA = ("height", "width", "in_channels", "out_channels")
+METADATA = ("height", "width", "in_channels", "out_channels")  # and "features", absent from older files
 
 
 def needs(module: str, path: Path):
@@ -50,6 +50,8 @@ class OnnxModel:
         except Exception as e:  # a truncated or foreign file fails in onnxruntime's own ways, or lacks the metadata
             raise UserError(f"{path}: not an ONNX file written by export.py ({utils.one_line(e)})") from None
         self.size, self.config = (height, width), {"in_channels": in_channels, "out_channels": out_channels}
+        if "features" in meta:  # what predict.py's --size check needs: the levels, each halving the size
+            self.config["features"] = [int(n) for n in meta["features"].split()]
 
     def parameters(self):
         """No weights to train: one empty CPU tensor, for code that asks a model's parameters for its device."""
@@ -69,7 +71,8 @@ def to_onnx(model: UNet, size: tuple[int, int], path: Path) -> bytes:
     dims = {"x": {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}}
     proto = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dims, verbose=False,
                               input_names=["images"], output_names=["logits"]).model_proto
-    for key, value in zip(METADATA, (*size, channels, model.config["out_channels"])):
+    features = " ".join(map(str, model.config["features"]))
+    for key, value in zip((*METADATA, "features"), (*size, channels, model.config["out_channels"], features)):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)
     return proto.SerializeToString()
@@ -112,8 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, metavar="FILE", required=True,
                         help="checkpoint written by train.py (runs/NAME/best.pt), or a run folder (its last.pt)")
-    parser.add_argument("--output", type=Path, metavar="FILE", required=True, help="the ONNX file to write")
-    return utils.run_program(lambda: run(parser.parse_args(argv)), status=2)
+    parser.add_argument("--output", type=Path, metavar="FILE.onnx", required=True,
+                        help="the ONNX file to write; its name ends in .onnx, which is how predict.py knows it")
+    args = parser.parse_args(argv)
+    if args.output.suffix.lower() != ".onnx":
+        parser.error(f"--output {args.output}: the name must end in .onnx, which is how predict.py tells the file "
+                     f"from a checkpoint")
+    return utils.run_program(lambda: run(args), status=2)
 
 
 if __name__ == "__main__":

@@ -241,7 +241,8 @@ def run(args: argparse.Namespace) -> None:
     """Predict every input image and write masks, overlays and the submission."""
     paths = find_images(args.input)
     check_output_names(paths)
-    device = utils.select_device(args.device)
+    onnx = args.checkpoint.suffix.lower() == ".onnx"  # run by ONNX Runtime on the CPU, whatever --device says
+    device = torch.device("cpu") if onnx else utils.select_device(args.device)
     model, training_size = load_segmentation_model(args.checkpoint, device)
     sizes = args.size or [training_size]
     utils.check_input_sizes(sizes, model.config)

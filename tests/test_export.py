@@ -76,7 +76,7 @@ def test_export_checks_itself_and_stores_what_predict_needs(checkpoint: Path, ex
     assert all(float(c[3]) <= export.TOLERANCE for c in checks)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map == {"height": "32", "width": "48", "in_channels": "3",
-                                                           "out_channels": "1"}
+                                                           "out_channels": "1", "features": "4 8 16"}
     batch, channels, height, width = session.get_inputs()[0].shape
     assert channels == 3 and all(isinstance(d, str) for d in (batch, height, width))  # dynamic, not the trace's
     model, x = utils.model_from_checkpoint(utils.load_checkpoint(checkpoint)).eval(), torch.rand(2, 3, 63, 95)
@@ -114,6 +114,23 @@ def test_failed_self_check_writes_nothing(exported: tuple[Path, str], photos: Pa
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "not written: ONNX Runtime differs from PyTorch" in error
     assert not output.exists() and not list(tmp_path.glob(".model.onnx.*"))
+
+
+def test_onnx_file_takes_predicts_size_check_and_any_device(exported: tuple[Path, str], photos: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    flags = ["--checkpoint", str(exported[0]), "--input", str(photos), "--output", str(tmp_path), "--workers", "0"]
+    assert predict.main([*flags, "--size", "7x9"]) == 2  # three levels: at least 8 pixels
+    assert "--size 7x9 is too small for this UNet's 3 levels" in capsys.readouterr().err
+    assert predict.main([*flags, "--device", "cuda:7"]) == 0  # ONNX Runtime runs on the CPU whatever --device says
+    assert export.OnnxModel(exported[0]).config["features"] == [4, 8, 16]
+
+
+def test_export_refuses_an_output_that_predict_would_not_read_as_onnx(checkpoint: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as error:
+        export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "model")])
+    assert error.value.code == 2 and "the name must end in .onnx" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
 
 
 @pytest.mark.parametrize("case", ["no checkpoint", "no onnx file", "not onnx", "no onnxruntime", "no onnxscript"])
