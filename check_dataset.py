@@ -344,7 +344,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="with --classes N: the mask value of unlabelled pixels (default: %(default)s)")
     parser.add_argument("--in-channels", type=int, choices=(1, 3), default=3,
                         help="3 (default): photos are loaded as RGB, 1: as grey (decides which photos get a note)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 1 <= args.classes <= 256:  # as train.py refuses it
+        parser.error(f"--classes must be 1 (binary) or 2..256 (class indices fit in 8 bits), got {args.classes}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -390,3 +390,10 @@ def test_the_program_names_every_broken_file(tmp_path):
     usage = subprocess.run([sys.executable, "check_dataset.py", "--help"], cwd=Path(cd.__file__).parent,
                            capture_output=True, text=True, timeout=120)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: check_dataset.py") and "--classes" in usage.stdout
+
+
+@pytest.mark.parametrize("classes", ["0", "-2", "257"])
+def test_a_class_count_train_py_would_refuse_is_refused_here_too(tmp_path, capsys, classes):
+    with pytest.raises(SystemExit) as error:
+        cd.main([str(tmp_path), "--classes", classes])
+    assert error.value.code == 2 and "--classes must be 1 (binary) or 2..256" in capsys.readouterr().err
