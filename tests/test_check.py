@@ -343,7 +343,8 @@ def test_usable_pairs_of_a_good_dataset(data, capsys):
 
 def test_usable_pairs_refuses_errors_unless_skip_bad(data, capsys):
     write_mask(mask_of(data, 1), extra=7, palette=GREY_PALETTE)
-    with pytest.raises(UserError, match="4 images checked: 3 good pairs, 1 error.*--skip-bad to train on the 3 good pairs"):
+    with pytest.raises(UserError,
+                       match="4 images checked: 3 good pairs, 1 error.*--skip-bad to train on the 3 good pairs"):
         cd.usable_pairs(data)
     assert f"error: {mask_of(data, 1)}: values {{0, 1, 7}}" in capsys.readouterr().err
     good = cd.usable_pairs(data, skip_bad=True)
