@@ -102,7 +102,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def check_input_sizes(sizes: Sequence[tuple[int, int]], model_config: dict[str, Any]) -> None:
     """Refuse, as a UserError, input sizes too small for the UNet's levels (each halves the size)."""
-    smallest = 2 ** len(model_config.get("features", ()))  # an ONNX model's config has no features: not checked
+    smallest = 2 ** len(model_config.get("features", ()))  # an older ONNX file records none: not checked
     too_small = [size for size in sizes if min(size) < smallest]
     if too_small:
         raise UserError(f"--size {describe_sizes(too_small)} is too small for this UNet's "
