@@ -462,16 +462,19 @@ class SeededSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g).tolist()
-        if self.shuffle and self.n % self.world_size:  # equal shares keep DDP's collectives in step
-            pad = self.world_size - self.n % self.world_size
-            order, seeds = order + order[:pad], seeds + seeds[:pad]
+        pad = self._padding()
+        order, seeds = order + order[:pad], seeds + seeds[:pad]
         shard = slice(self.rank, None, self.world_size)
         return order[shard][self.skip:], seeds[shard][self.skip:]
+
+    def _padding(self) -> int:
+        """Items repeated at the end of a training epoch so that every process gets as many: equal shares keep DDP's
+        collectives in step. Validation scores each image once, unpadded."""
+        return -self.n % self.world_size if self.shuffle else 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(zip(*self._order()))
 
     def __len__(self) -> int:
         """The items _order yields, counted without drawing the order."""
-        padded = self.n + (-self.n % self.world_size if self.shuffle else 0)
-        return max(0, len(range(self.rank, padded, self.world_size)) - self.skip)
+        return max(0, len(range(self.rank, self.n + self._padding(), self.world_size)) - self.skip)
