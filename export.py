@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, metavar="FILE.onnx", required=True,
                         help="the ONNX file to write; its name ends in .onnx, which is how predict.py knows it")
     args = parser.parse_args(argv)
-    if args.output.suffix.lower() != ".onnx":
+    if not utils.is_onnx_file(args.output):
         parser.error(f"--output {args.output}: the name must end in .onnx, which is how predict.py tells the file "
                      f"from a checkpoint")
     return utils.run_program(lambda: run(args), status=2)

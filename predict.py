@@ -107,7 +107,7 @@ def open_submission(path: Path | None) -> Iterator[Any]:
 def load_segmentation_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
     """(model in eval mode, in the device's memory format (utils.memory_format), on device; its training size
     (height, width)) from a checkpoint, or from export.py's ONNX file (run by ONNX Runtime on the CPU)."""
-    if checkpoint.suffix.lower() == ".onnx":
+    if utils.is_onnx_file(checkpoint):
         from export import OnnxModel  # here, not at the top: the core install has no onnxruntime
         model = OnnxModel(checkpoint)
         return model, model.size
@@ -241,8 +241,8 @@ def run(args: argparse.Namespace) -> None:
     """Predict every input image and write masks, overlays and the submission."""
     paths = find_images(args.input)
     check_output_names(paths)
-    onnx = args.checkpoint.suffix.lower() == ".onnx"  # run by ONNX Runtime on the CPU, whatever --device says
-    device = torch.device("cpu") if onnx else utils.select_device(args.device)
+    # An ONNX file runs with ONNX Runtime on the CPU, whatever --device says.
+    device = torch.device("cpu") if utils.is_onnx_file(args.checkpoint) else utils.select_device(args.device)
     model, training_size = load_segmentation_model(args.checkpoint, device)
     sizes = args.size or [training_size]
     utils.check_input_sizes(sizes, model.config)

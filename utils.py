@@ -206,6 +206,11 @@ class CheckpointWriter:
             raise error
 
 
+def is_onnx_file(path: str | Path) -> bool:
+    """Whether a model file is export.py's ONNX file rather than a checkpoint: told by its name (.onnx)."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
 def run_folder(checkpoint: str | Path) -> Path:
     """The run folder a checkpoint file lies in, or the folder itself when given one."""
     path = Path(checkpoint)
