@@ -80,6 +80,13 @@ class Verdict:
     problem: str | None = None
 
 
+def classes_problem(classes: int) -> str | None:
+    """Why a --classes value cannot be, or None: masks are 8-bit, so class indices stop at 255."""
+    if 1 <= classes <= 256:
+        return None
+    return f"--classes must be 1 (binary) or 2..256 (class indices fit in 8 bits), got {classes}"
+
+
 class MaskRule(NamedTuple):
     """What a mask's values must be: binary for classes=1, else class indices below `classes` or ignore_index."""
 
@@ -345,8 +352,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--in-channels", type=int, choices=(1, 3), default=3,
                         help="3 (default): photos are loaded as RGB, 1: as grey (decides which photos get a note)")
     args = parser.parse_args(argv)
-    if not 1 <= args.classes <= 256:  # as train.py refuses it
-        parser.error(f"--classes must be 1 (binary) or 2..256 (class indices fit in 8 bits), got {args.classes}")
+    if problem := classes_problem(args.classes):
+        parser.error(problem)
     return args
 
 

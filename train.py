@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import dataset as ds
 import utils
-from check_dataset import usable_pairs
+from check_dataset import classes_problem, usable_pairs
 from model import UNet, count_parameters
 from task import Task, make_task
 
@@ -131,8 +131,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
         parser.set_defaults(**{key: value for key, value in state.get("config", {}).items()
                                if key in vars(peek) and key not in NOT_RESUMED})
     args = parser.parse_args(argv)
-    if not 1 <= args.classes <= 256:
-        parser.error(f"--classes must be 1 (binary) or 2..256 (class indices fit in 8 bits), got {args.classes}")
+    if problem := classes_problem(args.classes):
+        parser.error(problem)
     if not 0 <= args.fp32_warmup <= 1:
         parser.error(f"--fp32-warmup is a fraction of the run's steps, from 0 to 1, got {args.fp32_warmup}")
     if args.crop and (args.crop[0] > args.height or args.crop[1] > args.width):
