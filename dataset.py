@@ -11,8 +11,10 @@ The generic layout, for any other dataset:
 """
 from __future__ import annotations
 
+import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -418,9 +420,26 @@ class SegmentationDataset(Dataset):
         return load_class_mask(mask_path) if self.classes > 1 else load_mask(mask_path)
 
 
+def cache_fits(images: int, height: int, width: int, channels: int = 3, announce: bool = True) -> bool:
+    """Whether --cache's shared memory (allocated up front) takes at most a quarter of this machine's RAM."""
+    need = SharedPairCache.bytes_needed(images, height, width, channels)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need <= total // 4:
+        return True
+    if announce:
+        print(f"note: --cache would hold {need / 2**30:.1f} GiB of decoded images, over a quarter of this "
+              f"machine's {total / 2**30:.0f} GiB; decoding every epoch instead", file=sys.stderr)
+    return False
+
+
 class SharedPairCache:
     """n (image, mask) pairs of one size in shared memory (channels + 1 bytes a pixel, allocated up front): what one
     DataLoader worker decodes, all see."""
+
+    @staticmethod
+    def bytes_needed(n: int, height: int, width: int, channels: int = 3) -> int:
+        """The images' and masks' bytes: one a pixel for each channel and one for the mask."""
+        return n * height * width * (channels + 1)
 
     def __init__(self, n: int, height: int, width: int, channels: int = 3):
         self.images = torch.empty((n, height, width, channels), dtype=torch.uint8).share_memory_()

@@ -13,7 +13,6 @@ predictions/ and, from best.pt scored at the end, per_image.csv, errors/, dice_h
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -146,7 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
     if args.resume and not args.out_dir:
         args.out_dir = str(utils.run_folder(args.resume))
     if args.workers is None:
-        args.workers = default_workers(args.device)
+        args.workers = utils.default_workers(args.device)
     return args, state
 
 
@@ -383,15 +382,6 @@ class Setup:
                      utils.memory_format(device, args.channels_last), task)
 
 
-def default_workers(device_name: str) -> int:
-    """Loader workers from this process's share of the CPUs: on a GPU all but two, since it trains faster than a
-    few workers decode; on the CPU half, at most 4, since the rest compute."""
-    cpus = max(1, utils.usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available()):
-        return max(1, min(16, cpus - 2))
-    return min(4, max(1, cpus // 2))
-
-
 def load_split(args: argparse.Namespace, state: dict[str, Any] | None,
                setup: Setup) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]], dict[str, list[str]]]:
     """(training pairs, validation pairs, split) of the checked data: --val-dir, else a seeded split by car (or
@@ -447,7 +437,7 @@ def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, se
                                         augmentation=augmentation)
     else:
         transform = ds.val_transforms(args.height, args.width)
-    cache = args.cache and cache_fits(len(pairs), args, announce=setup.is_main)
+    cache = args.cache and ds.cache_fits(len(pairs), args.height, args.width, args.in_channels, announce=setup.is_main)
     data = ds.SegmentationDataset(pairs, args.height, args.width, transform, cache=cache,
                                   soft_masks=args.soft_masks, classes=args.classes, in_channels=args.in_channels)
     sampler = ds.SeededSampler(len(data), args.seed, shuffle=train, rank=setup.rank, world_size=setup.world_size)
@@ -455,18 +445,6 @@ def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, se
         ds.single_threaded_opencv()
     return DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                       pin_memory=setup.device.type == "cuda", persistent_workers=args.workers > 0)
-
-
-def cache_fits(images: int, args: argparse.Namespace, announce: bool = True) -> bool:
-    """Whether --cache's shared memory (allocated up front) takes at most a quarter of this machine's RAM."""
-    need = images * args.height * args.width * (args.in_channels + 1)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need <= total // 4:
-        return True
-    if announce:
-        print(f"note: --cache would hold {need / 2**30:.1f} GiB of decoded images, over a quarter of this "
-              f"machine's {total / 2**30:.0f} GiB; decoding every epoch instead", file=sys.stderr)
-    return False
 
 
 def build_model(args: argparse.Namespace, state: dict[str, Any] | None,

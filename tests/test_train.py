@@ -147,9 +147,8 @@ def test_init_starts_from_the_weights_and_split_of_another_run(two_epoch_run, sy
 
 
 def test_cache_is_skipped_when_it_would_not_fit_in_memory(capsys):
-    args, _ = train.parse_args(["--height", "160", "--width", "240"])
-    assert train.cache_fits(100, args)
-    assert not train.cache_fits(10**9, args)  # 10^9 images at 160x240: far beyond any machine
+    assert ds.cache_fits(100, 160, 240)
+    assert not ds.cache_fits(10**9, 160, 240)  # 10^9 images at 160x240: far beyond any machine
     assert "decoding every epoch instead" in capsys.readouterr().err
 
 
