@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -
     config.device = args.device
     config.amp = args.amp or config.amp
     config.skip_bad = True  # score what can be read: the check lists the rest, and training's flag is not ours
-    config.workers = utils.default_workers(args.device) if args.workers is None else args.workers
+    config.workers = ds.default_workers(args.device) if args.workers is None else args.workers
     setup = Setup.create(config, rank, world_size, local_rank)
     pairs = checked_pairs(Path(config.data_dir), config, setup)
     if not args.all:

@@ -145,7 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
     if args.resume and not args.out_dir:
         args.out_dir = str(utils.run_folder(args.resume))
     if args.workers is None:
-        args.workers = utils.default_workers(args.device)
+        args.workers = ds.default_workers(args.device)
     return args, state
 
 

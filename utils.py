@@ -73,15 +73,6 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_workers(device_name: str) -> int:
-    """Loader workers from this process's share of the CPUs: on a GPU all but two, since it trains faster than a
-    few workers decode; on the CPU half, at most 4, since the rest compute."""
-    cpus = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available()):
-        return max(1, min(16, cpus - 2))
-    return min(4, max(1, cpus // 2))
-
-
 def parallel_map(function: Callable, jobs: list, workers: int | None = None, chunk: int = 32,
                  threads: bool = False) -> Iterator:
     """function over jobs, in order, in `workers` threads or processes (default: one per core) when there are

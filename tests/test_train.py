@@ -162,7 +162,7 @@ def test_cache_is_skipped_when_it_would_not_fit_in_memory(capsys):
 ])
 def test_default_workers_follow_the_device_and_the_cpus(monkeypatch, device, cuda, cpus, local_world, expected):
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(train.utils, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(ds, "usable_cpus", lambda: cpus)
     if local_world:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
     else:
