@@ -52,8 +52,16 @@ def kaggle_api() -> object:
         with contextlib.redirect_stdout(io.StringIO()):  # the import's own attempt prints help when it fails
             from kaggle.api.kaggle_api_extended import KaggleApi
     except ImportError as e:
-        raise DownloadError(f"the kaggle package is missing ({e}); install it: pip install kaggle==2.2.5") from None
+        raise DownloadError(missing_package_help(e)) from None
     return authenticate(KaggleApi())
+
+
+def missing_package_help(e: ImportError) -> str:
+    """What to install when importing kaggle failed: kaggle itself, or a module it imports without declaring it."""
+    if e.name in (None, "kaggle") or (e.name or "").startswith("kaggle."):
+        return f"the kaggle package is missing ({e}); install it: pip install kaggle==2.2.5"
+    return (f"the kaggle package is installed but cannot import '{e.name}', which it needs ({e}); "
+            f"install the requirements again: pip install -r requirements.txt (or: pip install {e.name})")
 
 
 def authenticate(api: object) -> object:

@@ -356,3 +356,15 @@ def test_cli_without_credentials_names_what_is_missing(tmp_path):
         assert source in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "Authentication required" not in result.stdout  # kaggle's own help, printed on import, is hidden
+
+
+def test_a_module_kaggle_needs_but_lacks_is_named_not_kaggle_itself(tmp_path):
+    # kaggle 2.2.5 imports six without declaring it: a fresh environment without six said "kaggle is missing"
+    blocker = "import sys; sys.modules['six'] = None; import runpy; sys.argv = ['download.py', '--out', %r]; "
+    code = blocker % str(tmp_path / "carvana") + "runpy.run_path('download.py', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "cannot import 'six'" in result.stderr and "pip install -r requirements.txt" in result.stderr
+    assert "kaggle package is missing" not in result.stderr and "Traceback" not in result.stderr
+    gone = download.missing_package_help(ModuleNotFoundError("No module named 'kaggle'", name="kaggle"))
+    assert gone.startswith("the kaggle package is missing")
