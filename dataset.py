@@ -11,6 +11,7 @@ The generic layout, for any other dataset:
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import re
@@ -319,11 +320,20 @@ def default_workers(device_name: str) -> int:
     return min(4, max(1, cpus // 2))
 
 
-def single_threaded_opencv() -> None:
-    """OpenCV (albumentations' engine) without a thread pool, as each loader worker is one core's worth of work.
+def single_threaded_opencv() -> Callable[[int], None] | None:
+    """OpenCV (albumentations' engine) without a thread pool in the loader's workers, each one core's worth of work:
+    set here, before they start, and the DataLoader's worker_init_fn for workers that do not inherit it (or None).
 
-    Call it before the workers fork: set inside a forked worker it deadlocks once the parent used the pool.
+    A forked worker inherits the setting, and must: set inside it, it deadlocks once the parent used the pool. A
+    spawned one (macOS; forkserver, Python 3.14's default on Linux) starts with a thread per core, so sets it itself.
     """
+    import cv2
+    cv2.setNumThreads(1)
+    return None if multiprocessing.get_start_method() == "fork" else _single_threaded_opencv_worker
+
+
+def _single_threaded_opencv_worker(worker_id: int) -> None:
+    """worker_init_fn of a spawned loader worker: one OpenCV thread."""
     import cv2
     cv2.setNumThreads(1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 import dataset as ds
@@ -45,18 +46,21 @@ class _OpenCVThreads(torch.utils.data.Dataset):
         return cv2.getNumThreads()
 
 
-def test_training_loader_workers_run_opencv_single_threaded(tmp_path):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: macOS; forkserver (Python 3.14) alike
+def test_training_loader_workers_run_opencv_single_threaded(tmp_path, monkeypatch, start_method):
     import cv2
     data = write_tiny_carvana(tmp_path / "data", cars=1)
     args, _ = train.parse_args(["--height", "32", "--width", "48", "--workers", "1"])
+    monkeypatch.setattr(ds.multiprocessing, "get_start_method", lambda: start_method)
     threads = cv2.getNumThreads()
     cv2.setNumThreads(4)
     try:
         # the pool in use, as after --workers 0
         cv2.warpAffine(np.zeros((512, 512), np.uint8), np.eye(2, 3), (512, 512))
-        train.make_loader(ds.find_pairs(data), args, train.Setup.create(args), train=True)
-        # Its workers fork from this process: they must see one thread, and must not hang getting there.
-        probe = torch.utils.data.DataLoader(_OpenCVThreads(), num_workers=1, timeout=60)
+        loader = train.make_loader(ds.find_pairs(data), args, train.Setup.create(args), train=True)
+        # Its workers, forked from this process or spawned, must see one thread, and must not hang getting there.
+        probe = torch.utils.data.DataLoader(_OpenCVThreads(), num_workers=1, timeout=60,
+                                            worker_init_fn=loader.worker_init_fn, multiprocessing_context=start_method)
         assert [int(n) for n in probe] == [1, 1]
     finally:
         cv2.setNumThreads(threads)
