@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from dataset import (IMAGE_DIR, KAGGLE, LAYOUTS, MASK_DIR, Layout, detect_layout, list_images, list_masks, pair_up,
-                     upright)
+from dataset import (IMAGE_DIR, KAGGLE, LAYOUTS, MASK_DIR, Layout, dataset_above, detect_layout, list_images,
+                     list_masks, pair_up, upright)
 from utils import UserError, atomic_write, parallel_map, plural
 
 CACHE_VERSION = 4  # bump when verdicts change meaning, so that older caches are ignored
@@ -149,7 +149,7 @@ def check_layout(data_dir: Path, layout: Layout | None, images: list[Path], mask
     """One error for a folder in neither layout, or a missing or empty folder (rather than one per photo), or None."""
     if layout is None:
         found = "is missing" if not data_dir.is_dir() else "holds neither train/ nor images/"
-        return f"{data_dir} {found}: expected {LAYOUTS}, with DIR={data_dir}"
+        return f"{data_dir} {found}" + (dataset_above(data_dir) or f": expected {LAYOUTS}, with DIR={data_dir}")
     empty = [f"{data_dir / folder} {'is empty' if (data_dir / folder).is_dir() else 'is missing'}"
              for folder, files in ((layout.image_dir, images), (layout.mask_dir, masks)) if not files]
     if not empty:

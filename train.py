@@ -395,6 +395,8 @@ def load_split(args: argparse.Namespace, state: dict[str, Any] | None,
             dist.barrier()
     if not ds.list_images(data_dir):
         found = ("does not exist (is the path right?)" if not data_dir.exists() else "holds no training images")
+        if above := ds.dataset_above(data_dir):
+            raise utils.UserError(f"{data_dir} {found}{above} to --data-dir")
         raise utils.UserError(
             f"{data_dir} {found}: expected {ds.LAYOUTS.replace('DIR', str(data_dir))}.\n"
             f"  Download Carvana (needs a Kaggle account):  python download.py --out {data_dir}\n"

@@ -235,6 +235,25 @@ def test_empty_or_missing_folder_is_one_error_naming_the_layout(tmp_path, capsys
     assert lines[0] == f"{photos} image{'' if photos == 1 else 's'} checked: 0 good pairs, 1 error, 0 notes"
 
 
+@pytest.mark.parametrize("folder", ["train", "train_masks"])
+def test_a_folder_inside_the_dataset_names_the_dataset_to_pass(data, capsys, folder):
+    code, lines = run_check(data / folder, capsys)  # the common slip: check_dataset.py data/carvana/train
+    assert code == 1 and lines[1] == (f"error: {data / folder} holds neither train/ nor images/; it is the {folder}/ "
+                                      f"folder of the dataset in {data}: pass {data}")
+
+
+def test_only_a_layout_folder_of_a_dataset_points_to_its_parent(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "other").mkdir()
+    assert ds.dataset_above(tmp_path / "images").endswith(f"images/ folder of the dataset in {tmp_path}: pass "
+                                                          f"{tmp_path}")
+    assert ds.dataset_above(tmp_path / "other") == ""  # not one of the layout's folders
+    assert ds.dataset_above(tmp_path) == ""  # the dataset itself
+    (tmp_path / "images" / "images").mkdir()
+    assert ds.dataset_above(tmp_path / "images") == ""  # a dataset of its own
+
+
 def test_hidden_files_are_ignored(data, capsys):
     (data / "train" / "._000000000000_01.jpg").write_bytes(b"\0\1junk")
     (data / "train" / ".DS_Store").write_bytes(b"\0")

@@ -88,6 +88,14 @@ def test_empty_data_dir_exits_with_both_commands(tmp_path, exists):
     assert "Traceback" not in result.stderr
 
 
+def test_data_dir_inside_the_dataset_names_the_dataset(synthetic_dir):
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(synthetic_dir / "train")],
+                            capture_output=True, text=True, cwd=train.Path(train.__file__).parent)
+    assert result.returncode != 0
+    assert result.stderr == (f"error: {synthetic_dir / 'train'} holds no training images; it is the train/ folder of "
+                             f"the dataset in {synthetic_dir}: pass {synthetic_dir} to --data-dir\n")
+
+
 def test_bad_data_is_refused_and_skip_bad_trains_on_the_rest(synthetic_dir, tmp_path, capsys):
     import shutil
     data = tmp_path / "data"
