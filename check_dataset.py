@@ -312,7 +312,7 @@ def cache_path(data_dir: Path) -> Path:
 def load_cache(data_dir: Path) -> dict[str, dict]:
     """The cached verdicts by file; empty when missing, unreadable or of another version."""
     try:
-        data = json.loads(cache_path(data_dir).read_text())
+        data = json.loads(cache_path(data_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data.get("files", {}) if isinstance(data, dict) and data.get("version") == CACHE_VERSION else {}

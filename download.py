@@ -188,7 +188,7 @@ def is_extracted(target: Path, zip_name: str, force: bool = False) -> bool:
     if force or not target.exists():
         return False
     marker = target / COMPLETE_MARKER
-    source = marker.read_text().strip() if marker.is_file() else ""
+    source = marker.read_text(encoding="utf-8").strip() if marker.is_file() else ""
     if source == zip_name:
         return True
     if source:
@@ -218,7 +218,7 @@ def extract_zip(zip_path: Path, target: Path, zip_name: str) -> None:
         if not entries:
             raise DownloadError(f"the archive extracted into {tmp} held no files")
         root = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp  # the zip's top folder, if one
-        (root / COMPLETE_MARKER).write_text(zip_name + "\n")
+        (root / COMPLETE_MARKER).write_text(zip_name + "\n", encoding="utf-8")
         if target.exists():  # --force: the old folder goes only once the new one is in place
             old = out / f"{EXTRACT_PREFIX}{target.name}-old"
             target.replace(old)

@@ -116,7 +116,8 @@ def report_html(per_image: PerImage, summary: str) -> str:
              f"<figcaption>{rank}. {e(row['image'])}<br>Dice {row['dice']:.4f}, IoU {row['iou']:.4f}<br>"
              f"FP {row['false_positive_px']:,} px, FN {row['false_negative_px']:,} px</figcaption></figure>"
              for rank, row in enumerate(rows, 1)]
-    page.append(f"<h2>Config</h2><pre>{e(config.read_text()) if config.exists() else ''}</pre></body></html>\n")
+    settings = config.read_text(encoding="utf-8") if config.exists() else ""
+    page.append(f"<h2>Config</h2><pre>{e(settings)}</pre></body></html>\n")
     return "\n".join(page)
 
 

@@ -373,7 +373,7 @@ def _is_complete_synthetic(out: Path, params: dict) -> bool:
         raise UserError(f"{out} already holds files but no {SYNTHETIC_MANIFEST}, so it is not a "
                         f"synthetic dataset; choose another --out or empty it")
     try:
-        found = json.loads(manifest.read_text())
+        found = json.loads(manifest.read_text(encoding="utf-8"))
     except ValueError:
         found = None
     if found != params:
@@ -440,7 +440,7 @@ def generate_synthetic(out_dir: str | Path, cars: int = 24, size: tuple[int, int
                         desc="synthetic cars", unit="car"))
         if len(set(ids)) < cars:  # two cars' files would have overwritten each other
             raise UserError(f"seed {seed} gives two cars the same id; choose another --seed")
-        (tmp / SYNTHETIC_MANIFEST).write_text(json.dumps(params, indent=2) + "\n")
+        (tmp / SYNTHETIC_MANIFEST).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty folder (made by hand, say) is replaced
         try:

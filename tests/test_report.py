@@ -1,8 +1,10 @@
 """The end of training writes per_image.csv (worst Dice first) and report.html, whose every picture is there."""
 import csv
 import json
+import os
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import dataset as ds
-from conftest import one_epoch_run
+from conftest import TINY_RUN, one_epoch_run
 import utils
 
 
@@ -95,3 +97,28 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     from PIL import Image
     with Image.open(shot) as img:
         assert img.size == (1280, 1600) and len(img.convert("L").getcolors(256) or []) > 16  # not a blank page
+
+
+def windows_like_locale(folder: Path) -> dict[str, str] | None:
+    """Environment variables for a cp1252 locale (Windows' default text encoding), built with localedef; or None."""
+    if not shutil.which("localedef"):
+        return None
+    done = subprocess.run(["localedef", "-i", "en_US", "-f", "CP1252", str(folder / "en_US.CP1252")],
+                          capture_output=True)
+    return {"LOCPATH": str(folder), "LC_ALL": "en_US.CP1252", "PYTHONUTF8": "0"} if done.returncode == 0 else None
+
+
+def test_files_are_utf8_whatever_the_locale_says(synthetic_dir, tmp_path):
+    # report.html says charset utf-8; written in the locale's encoding it was wrong (or failed) on Windows
+    env = windows_like_locale(tmp_path)
+    if env is None:
+        pytest.skip("localedef cannot build a cp1252 locale here")
+    code = ("import sys, train; sys.exit(train.main(['--data-dir', sys.argv[1], '--out-dir', sys.argv[2] + "
+            "'/r\\u00e9sultat', '--epochs', '1', *sys.argv[3:]]))")
+    runs = tmp_path / "runs"
+    result = subprocess.run([sys.executable, "-c", code, str(synthetic_dir), str(runs), *TINY_RUN[:-2]],
+                            cwd=Path(utils.__file__).parent, env={**os.environ, **env}, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode("cp1252", "replace")  # printed in the locale's encoding
+    [run] = list(runs.iterdir())  # named in cp1252 on disk, so not "résultat" to this process
+    assert "résultat" in (run / "report.html").read_bytes().decode("utf-8")
+    assert len((run / "per_image.csv").read_text(encoding="utf-8").splitlines()) == 17  # header, 16 views
