@@ -452,13 +452,25 @@ class SegmentationDataset(Dataset):
 def cache_fits(images: int, height: int, width: int, channels: int = 3, announce: bool = True) -> bool:
     """Whether --cache's shared memory (allocated up front) takes at most a quarter of this machine's RAM."""
     need = SharedPairCache.bytes_needed(images, height, width, channels)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need <= total // 4:
+    total = physical_memory()
+    if need <= (total or UNKNOWN_MEMORY) // 4:
         return True
     if announce:
-        print(f"note: --cache would hold {need / 2**30:.1f} GiB of decoded images, over a quarter of this "
-              f"machine's {total / 2**30:.0f} GiB; decoding every epoch instead", file=sys.stderr)
+        machine = f"this machine's {total / 2**30:.0f} GiB" if total else "16 GiB (this OS does not say its RAM)"
+        print(f"note: --cache would hold {need / 2**30:.1f} GiB of decoded images, over a quarter of {machine}; "
+              f"decoding every epoch instead", file=sys.stderr)
     return False
+
+
+UNKNOWN_MEMORY = 16 * 2**30  # what cache_fits assumes where the OS does not say
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes, or None where os.sysconf cannot say (it is Unix-only: not on Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class SharedPairCache:

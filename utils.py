@@ -299,8 +299,8 @@ def cpu_has_bf16_units() -> bool:
         return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    except OSError:  # not Linux: torch's own probe of the CPU
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 

@@ -160,6 +160,14 @@ def test_cache_is_skipped_when_it_would_not_fit_in_memory(capsys):
     assert "decoding every epoch instead" in capsys.readouterr().err
 
 
+def test_cache_size_check_works_where_the_os_does_not_say_its_memory(monkeypatch, capsys):
+    monkeypatch.delattr(ds.os, "sysconf")  # Windows has no os.sysconf: every training run crashed there
+    assert ds.physical_memory() is None
+    assert ds.cache_fits(100, 160, 240)
+    assert not ds.cache_fits(10**5, 160, 240)  # 14.3 GiB: over a quarter of the 16 GiB assumed
+    assert "this OS does not say its RAM" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("device, cuda, cpus, local_world, expected", [
     ("auto", False, 16, None, 4),   # CPU training: half the CPUs, at most 4
     ("cpu", True, 2, None, 1),
@@ -231,6 +239,29 @@ def test_torch_held_to_avx2_counts_as_a_cpu_without_bf16_units(monkeypatch, capa
     try:
         assert train.utils.cpu_has_bf16_units() == bf16
         assert train.utils.autocast_dtype(train.torch.device("cpu")) == (train.torch.bfloat16 if bf16 else None)
+    finally:
+        train.utils.cpu_has_bf16_units.cache_clear()
+
+
+class NoCpuinfo:
+    """Path, as on Windows and macOS: /proc/cpuinfo cannot be read."""
+
+    def __init__(self, *parts):
+        pass
+
+    def read_text(self) -> str:
+        raise FileNotFoundError("/proc/cpuinfo")
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, bf16", [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_units_are_found_without_proc_cpuinfo(monkeypatch, avx512_bf16, amx, bf16):
+    monkeypatch.setattr(train.utils, "Path", NoCpuinfo)
+    monkeypatch.setattr(train.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(train.torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(train.torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    train.utils.cpu_has_bf16_units.cache_clear()
+    try:
+        assert train.utils.cpu_has_bf16_units() == bf16  # not always False off Linux
     finally:
         train.utils.cpu_has_bf16_units.cache_clear()
 
