@@ -33,7 +33,7 @@ class PerImage:
 
     def __init__(self, task: Task, run_dir: Path, device: torch.device):
         self.task, self.run_dir, self.rows, self.threshold_dice = task, run_dir, [], {}
-        self.thresholds = {t: utils.BinaryMetrics(device) for t in THRESHOLDS} if task.classes == 1 else {}
+        self.thresholds = {t: task.metrics(device) for t in THRESHOLDS} if task.classes == 1 else {}
         try:
             (run_dir / "errors").mkdir(parents=True, exist_ok=True)
         except OSError as e:

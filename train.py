@@ -325,13 +325,13 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, setup: Setup) -> dict[s
     """Loss and Dice/IoU/accuracy over the whole loader at its resolution, reduced over processes."""
     model.eval()
     metrics = setup.task.metrics(setup.device)
-    loss_sum = torch.zeros((), device=setup.device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=metrics.sums.device, dtype=torch.float64)  # the CPU on MPS: no float64 there
     for images, masks in tqdm(loader, desc="validate", leave=False, disable=not setup.is_main, dynamic_ncols=True):
         images = images.to(setup.device, non_blocking=True, memory_format=setup.memory_format)
         masks = masks.to(setup.device, non_blocking=True)
         with utils.autocast(setup.device, setup.amp_dtype):
             logits = model(images)
-        loss_sum += setup.task.loss(logits, masks, per_image=True).double().sum()
+        loss_sum += setup.task.loss(logits, masks, per_image=True).to(loss_sum.device).double().sum()
         metrics.update(setup.task.labels(setup.task.probabilities(logits)), setup.task.truth(masks))
     utils.all_reduce_sum(metrics.sums)
     utils.all_reduce_sum(loss_sum)

@@ -110,8 +110,7 @@ def check_input_sizes(sizes: Sequence[tuple[int, int]], model_config: dict[str, 
 
 
 def one_line(error: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line (whitespace collapsed, cut at limit), or its type's name when it has none,
-    for errors that must stay one line."""
+    """An exception's message on one line (whitespace collapsed, cut at limit), else its type's name."""
     text = " ".join(str(error).split())
     return (text if len(text) <= limit else text[:limit - 3] + "...") or type(error).__name__
 
@@ -380,6 +379,8 @@ class BinaryMetrics:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of boolean (or {0,1}) predictions and targets of shape (N, ...)."""
         pred, target = pred.bool().flatten(1), target.bool().flatten(1)
+        if pred.device.type == "mps":  # no float64 there: counted on the CPU, where the sums are
+            pred, target = pred.cpu(), target.cpu()
         inter = (pred & target).sum(1, dtype=torch.float64)
         p, t = pred.sum(1, dtype=torch.float64), target.sum(1, dtype=torch.float64)
         both_empty = (p + t) == 0
@@ -426,7 +427,7 @@ class MulticlassMetrics:
         pred, target = pred.long().flatten(), target.long().flatten()
         valid = (target != self.ignore_index) & (target >= 0) & (target < self.classes)
         counts = torch.bincount(target[valid] * self.classes + pred[valid], minlength=self.classes ** 2)
-        self.sums[:-1] += counts.to(self.sums)
+        self.sums[:-1] += counts.to(self.sums.device)  # int64 counts: no float64 where they were made (MPS)
         self.sums[-1] += images
 
     def compute(self) -> dict[str, Any]:

@@ -51,3 +51,13 @@ def test_empty_masks():
     assert r["dice"] == 0.0 and r["iou"] == 0.0
     assert r["mean_dice"] == pytest.approx(0.5)
     assert r["acc"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_sums_stay_on_the_cpu_for_mps_which_has_no_float64(classes):
+    # On a Mac, --device auto is mps: float64 sums there failed at the first validation, losing the epoch.
+    from task import make_task, sums_device
+    assert sums_device(torch.device("mps")) == torch.device("cpu")
+    assert sums_device(torch.device("cpu")) == torch.device("cpu")
+    metrics = make_task(classes).metrics(torch.device("mps"))  # made without an MPS device: nothing is put there
+    assert metrics.sums.device == torch.device("cpu") and metrics.sums.dtype == torch.float64
