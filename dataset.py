@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,22 +331,28 @@ def default_workers(device_name: str) -> int:
     return min(4, max(1, cpus // 2))
 
 
-def single_threaded_opencv() -> Callable[[int], None] | None:
-    """OpenCV (albumentations' engine) without a thread pool in the loader's workers, each one core's worth of work:
-    set here, before they start, and the DataLoader's worker_init_fn for workers that do not inherit it (or None).
+def single_threaded_opencv() -> None:
+    """OpenCV (albumentations' engine) without a thread pool, as each loader worker is one core's worth of work."""
+    import cv2
+    cv2.setNumThreads(1)
 
-    A forked worker inherits the setting, and must: set inside it, it deadlocks once the parent used the pool. A
-    spawned one (macOS; forkserver, Python 3.14's default on Linux) starts with a thread per core, so sets it itself.
+
+def prepare_workers() -> Callable[[int], None] | None:
+    """single_threaded_opencv here, before the loader's workers start, and the DataLoader's worker_init_fn (or None)
+    that gives workers which are not forked what forked ones inherit.
+
+    A forked worker inherits OpenCV's setting, and must: set inside it, it deadlocks once the parent used the pool.
+    A spawned one (macOS, Windows; forkserver, Python 3.14's default on Linux) starts with a thread per core, and
+    with Python's Ctrl-C handler, whose KeyboardInterrupt would end it while train.py stops the run cleanly.
     """
-    import cv2
-    cv2.setNumThreads(1)
-    return None if multiprocessing.get_start_method() == "fork" else _single_threaded_opencv_worker
+    single_threaded_opencv()
+    return None if multiprocessing.get_start_method() == "fork" else _spawned_worker
 
 
-def _single_threaded_opencv_worker(worker_id: int) -> None:
-    """worker_init_fn of a spawned loader worker: one OpenCV thread."""
-    import cv2
-    cv2.setNumThreads(1)
+def _spawned_worker(worker_id: int) -> None:
+    """worker_init_fn of a loader worker that was not forked: one OpenCV thread; Ctrl-C is the main process's."""
+    single_threaded_opencv()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)

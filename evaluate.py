@@ -140,7 +140,7 @@ def evaluate_at_training_and_original_size(net: torch.nn.Module, pairs: Sequence
     data = WithOriginalMasks(pairs, config, sizes or [(config.height, config.width)])
     sampler = ds.SeededSampler(len(data), config.seed, shuffle=False, rank=setup.rank, world_size=setup.world_size)
     loader = DataLoader(data, batch_size=config.batch_size, num_workers=config.workers, sampler=sampler,
-                        worker_init_fn=ds.single_threaded_opencv() if config.workers > 0 else None,
+                        worker_init_fn=ds.prepare_workers() if config.workers > 0 else None,
                         collate_fn=WithOriginalMasks.collate)
     modes = (False, True) if tta else (False,)
     resolutions = ("training", "original") + (("one region",) if task.classes == 1 else ())

@@ -444,7 +444,7 @@ def make_loader(pairs: Sequence[tuple[Path, Path]], args: argparse.Namespace, se
                                   soft_masks=args.soft_masks, classes=args.classes, in_channels=args.in_channels)
     sampler = ds.SeededSampler(len(data), args.seed, shuffle=train, rank=setup.rank, world_size=setup.world_size)
     return DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                      worker_init_fn=ds.single_threaded_opencv() if args.workers > 0 else None,
+                      worker_init_fn=ds.prepare_workers() if args.workers > 0 else None,
                       pin_memory=setup.device.type == "cuda", persistent_workers=args.workers > 0)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -35,19 +36,19 @@ def test_cached_pair_equals_decoded_pair_and_is_a_copy(tmp_path):
         assert np.array_equal(got, want)
 
 
-class _OpenCVThreads(torch.utils.data.Dataset):
-    """Reports the OpenCV thread count inside whichever process loads the item."""
+class _WorkerSettings(torch.utils.data.Dataset):
+    """Reports the OpenCV thread count and whether Ctrl-C is ignored, inside whichever process loads the item."""
 
     def __len__(self) -> int:
         return 2
 
-    def __getitem__(self, index: int) -> int:
+    def __getitem__(self, index: int) -> tuple[int, bool]:
         import cv2
-        return cv2.getNumThreads()
+        return cv2.getNumThreads(), signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: macOS; forkserver (Python 3.14) alike
-def test_training_loader_workers_run_opencv_single_threaded(tmp_path, monkeypatch, start_method):
+def test_loader_workers_run_opencv_single_threaded_and_leave_ctrl_c_to_train(tmp_path, monkeypatch, start_method):
     import cv2
     data = write_tiny_carvana(tmp_path / "data", cars=1)
     args, _ = train.parse_args(["--height", "32", "--width", "48", "--workers", "1"])
@@ -59,8 +60,11 @@ def test_training_loader_workers_run_opencv_single_threaded(tmp_path, monkeypatc
         cv2.warpAffine(np.zeros((512, 512), np.uint8), np.eye(2, 3), (512, 512))
         loader = train.make_loader(ds.find_pairs(data), args, train.Setup.create(args), train=True)
         # Its workers, forked from this process or spawned, must see one thread, and must not hang getting there.
-        probe = torch.utils.data.DataLoader(_OpenCVThreads(), num_workers=1, timeout=60,
+        probe = torch.utils.data.DataLoader(_WorkerSettings(), num_workers=1, timeout=60, batch_size=None,
                                             worker_init_fn=loader.worker_init_fn, multiprocessing_context=start_method)
-        assert [int(n) for n in probe] == [1, 1]
+        opencv_threads, ctrl_c_ignored = zip(*probe)
+        assert opencv_threads == (1, 1)
+        # A spawned worker leaves Ctrl-C to train.py's clean stop; a forked one inherits train.py's handler.
+        assert ctrl_c_ignored == ((start_method == "spawn"),) * 2
     finally:
         cv2.setNumThreads(threads)
