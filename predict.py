@@ -63,12 +63,13 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def check_output_names(paths: Sequence[Path]) -> None:
-    """Refuse two images that would write the same X_mask.png (a/X.jpg and b/X.png, say)."""
+    """Refuse two images that would write the same X_mask.png (a/X.jpg and b/X.png, say), names that differ only in
+    case included: Windows and macOS file names ignore it, so there one mask would silently replace the other."""
     seen: dict[str, Path] = {}
     for path in paths:
-        if (first := seen.setdefault(path.stem, path)) is not path:
-            raise UserError(f"{first} and {path} would both write {path.stem}_mask.png: "
-                             f"predict them into separate --output folders")
+        if (first := seen.setdefault(path.stem.casefold(), path)) is not path:
+            raise UserError(f"{first} and {path} would both write {path.stem}_mask.png (file names that differ only "
+                            f"in case are one file on Windows and macOS): predict them into separate --output folders")
 
 
 def save_outputs(path: Path, mask: np.ndarray, output: Path, overlay: bool = False, classes: int = 1) -> None:

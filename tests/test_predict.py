@@ -397,3 +397,12 @@ def test_a_sideways_photo_gets_a_mask_of_the_size_viewers_show(tmp_path: Path, i
     assert read_png(out / "sideways_mask.png").shape == (70, 45)
     with Image.open(out / "sideways_overlay.jpg") as overlay:
         assert overlay.size == (45, 70)
+
+
+@pytest.mark.parametrize("second", ["b/X.png", "b/x.png", "a/x.PNG"])
+def test_two_images_that_would_write_one_mask_file_are_refused(second):
+    # b/x.png would write x_mask.png, the same file as X_mask.png where file names ignore case (Windows, macOS)
+    with pytest.raises(predict.UserError, match="would both write") as error:
+        predict.check_output_names([Path("a/X.jpg"), Path("a/Y.jpg"), Path(second)])
+    assert "a/X.jpg" in str(error.value) and second in str(error.value)
+    predict.check_output_names([Path("a/X.jpg"), Path("a/Y.jpg"), Path("b/Z.png")])  # distinct names pass
