@@ -9,8 +9,8 @@
 #
 # Knobs (environment): MINUTES (10: the training budget; benchmarks/recipe_epochs.py times a few steps first and
 # picks the epochs that fit it), EPOCHS (instead of MINUTES: a fixed count), BATCH (4), CROP (none; e.g. 640x960 for
-# a GPU of 8-16 GB), OUT (./gpu-recipe), and for a CPU smoke run of the script: SIZE (1280x1918), FEATURES ("32 64
-# 128 256 512 1024"), DEVICE (auto).
+# a GPU of 8-16 GB), OUT (./gpu-recipe), RUN (/tmp/gpu-recipe-run: the run folder), and for a CPU smoke run of the
+# script: SIZE (1280x1918), FEATURES ("32 64 128 256 512 1024"), DEVICE (auto).
 # On a lent H200, whose commands stop after 10 minutes, one call (carry .whl and data/shared-carvana) fits with
 # MINUTES=6 (start-up, the probe and the two scorings take about 2 more), after the check of the full-size training
 # step that issue 13 asks to keep (BENCHMARKS.md's H200 table: 25.88 img/s eager):
@@ -26,7 +26,7 @@ OUT=${OUT:-./gpu-recipe}
 mkdir -p "$OUT"
 source benchmarks/gpu_wheels.sh  # albumentations from the carried wheels, where the image lacks it
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
-RUN=/tmp/gpu-recipe-run
+RUN=${RUN:-/tmp/gpu-recipe-run}  # the run folder, outside OUT: its 1.5 GB checkpoints need not come back
 rm -rf "$RUN"
 # The recipe: full resolution, 6 levels so the deepest sees the whole car (the first-place U-Net's depth),
 # the outline weighted 3x, batch 4.

@@ -101,7 +101,7 @@ def test_gpu_recipe_runs_end_to_end_on_the_cpu_with_tiny_knobs(tmp_path):
     data = write_tiny_carvana(tmp_path / "data", cars=5, size=(96, 64))  # the recipe holds out 4 cars
     out = tmp_path / "out"
     run_bash_script("gpu_recipe.sh", str(data), SIZE="32x48", FEATURES="4 8", DEVICE="cpu", MINUTES="0.1",
-                    OUT=str(out))
+                    OUT=str(out), RUN=str(tmp_path / "run"))  # not /tmp/gpu-recipe-run, which another run may use
     recipe = (out / "recipe.md").read_text()
     assert "--height 32 --width 48 --features 4 8" in recipe and "full Kaggle training set" in recipe
     assert "(16 training images," in recipe  # one car trains, four are held out
