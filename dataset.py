@@ -98,8 +98,8 @@ def detect_layout(data_dir: str | Path) -> Layout | None:
 
 
 def dataset_above(data_dir: str | Path) -> str:
-    """"; it is the train/ folder of the dataset in D: pass D" when data_dir is a folder of a dataset's layout rather
-    than the dataset (the common slip of --data-dir data/carvana/train), else ""."""
+    """The hint '; it is the train/ folder of the dataset in D: pass D' when data_dir is a folder of a dataset's
+    layout rather than the dataset (the common slip of --data-dir data/carvana/train), else ''."""
     data_dir = Path(data_dir)
     layout = detect_layout(data_dir.parent) if detect_layout(data_dir) is None else None
     if layout is None or data_dir.name not in (layout.image_dir, layout.mask_dir):

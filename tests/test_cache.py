@@ -64,7 +64,7 @@ def test_loader_workers_run_opencv_single_threaded_and_leave_ctrl_c_to_train(tmp
                                             worker_init_fn=loader.worker_init_fn, multiprocessing_context=start_method)
         opencv_threads, ctrl_c_ignored = zip(*probe)
         assert opencv_threads == (1, 1)
-        # A spawned worker leaves Ctrl-C to train.py's clean stop; a forked one inherits train.py's handler.
+        # A spawned worker leaves Ctrl-C to train.py's clean stop; a forked one inherits its parent's handler.
         assert ctrl_c_ignored == ((start_method == "spawn"),) * 2
     finally:
         cv2.setNumThreads(threads)
