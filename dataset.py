@@ -456,6 +456,9 @@ class SegmentationDataset(Dataset):
         return load_class_mask(mask_path) if self.classes > 1 else load_mask(mask_path)
 
 
+UNKNOWN_MEMORY = 16 * 2**30  # what cache_fits assumes where the OS does not say
+
+
 def cache_fits(images: int, height: int, width: int, channels: int = 3, announce: bool = True) -> bool:
     """Whether --cache's shared memory (allocated up front) takes at most a quarter of this machine's RAM."""
     need = SharedPairCache.bytes_needed(images, height, width, channels)
@@ -463,13 +466,11 @@ def cache_fits(images: int, height: int, width: int, channels: int = 3, announce
     if need <= (total or UNKNOWN_MEMORY) // 4:
         return True
     if announce:
-        machine = f"this machine's {total / 2**30:.0f} GiB" if total else "16 GiB (this OS does not say its RAM)"
+        machine = (f"this machine's {total / 2**30:.0f} GiB" if total else
+                   f"{UNKNOWN_MEMORY / 2**30:.0f} GiB (this OS does not say its RAM)")
         print(f"note: --cache would hold {need / 2**30:.1f} GiB of decoded images, over a quarter of {machine}; "
               f"decoding every epoch instead", file=sys.stderr)
     return False
-
-
-UNKNOWN_MEMORY = 16 * 2**30  # what cache_fits assumes where the OS does not say
 
 
 def physical_memory() -> int | None:
