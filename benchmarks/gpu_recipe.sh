@@ -11,12 +11,14 @@
 # picks the epochs that fit it), EPOCHS (instead of MINUTES: a fixed count), BATCH (4), CROP (none; e.g. 640x960 for
 # a GPU of 8-16 GB), OUT (./gpu-recipe), RUN (/tmp/gpu-recipe-run: the run folder), and for a CPU smoke run of the
 # script: SIZE (1280x1918), FEATURES ("32 64 128 256 512 1024"), DEVICE (auto).
-# On a lent H200, whose commands stop after 10 minutes, one call (carry .whl and data/shared-carvana) fits with
-# MINUTES=6 (start-up, the probe and the two scorings take about 2 more), after the check of the full-size training
-# step that issue 13 asks to keep (BENCHMARKS.md's H200 table: 25.88 img/s eager):
+# On a lent H200, whose commands stop after 10 minutes, one call (carry .whl and data/shared-carvana) fitted
+# MINUTES=6 (6.9 minutes from launch to the scores) after the check of the full-size training step that issue 13 asks
+# to keep (2026-12-04: 0.9940, 0.9942 with TTA; BENCHMARKS.md, "The GPU recipe on an H200"):
 #   source benchmarks/gpu_wheels.sh; python3 benchmarks/bench_train.py --device cuda --height 1280 --width 1918 \
 #     --batch-size 4 --images 0 --pairs 1 --steps 5 --warmup 3 2>&1 | tee "$OUT/step.md";
 #   OUT=$OUT MINUTES=6 bash benchmarks/gpu_recipe.sh data/shared-carvana
+# 640x960 reached the same Dice per epoch at 3.4x the speed, so the next lent GPU runs that for longer:
+#   OUT=$OUT SIZE=640x960 MINUTES=7 bash benchmarks/gpu_recipe.sh data/shared-carvana   # about 9 minutes in all
 # Results in $OUT: train.log, evaluate.log, metrics.csv, per_image.csv, recipe.md (time, memory, Dice, and the
 # time of an epoch of the full Kaggle training set, estimated from the measured images per second).
 set -euo pipefail
