@@ -13,6 +13,7 @@ predictions/ and, from best.pt scored at the end, per_image.csv, errors/, dice_h
 from __future__ import annotations
 
 import argparse
+import itertools
 import signal
 import sys
 import time
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "operation (default: on; --no-fused-adamw: torch's default kernels, as a plain loop)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+    run.add_argument("--bn-images", type=int, default=16, help="training images from which BatchNorm's statistics "
+                     "are recomputed before each validation, 0: keep the running averages (default: %(default)s)")
     run.add_argument("--num-predictions", type=int, default=4,
                      help="validation images saved whenever validation Dice improves (default: %(default)s)")
     run.add_argument("--init", metavar="CHECKPOINT",
@@ -208,6 +211,7 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
                           f"{out_dir / 'last.pt'}. Resume with: python train.py --resume {out_dir}", file=sys.stderr)
                 return 130
             progress = None
+            refresh_batchnorm(net, train_loader, setup, epoch, args.bn_images)
             val = evaluate(model if setup.world_size == 1 else utils.sync_buffers_from_rank0(net), val_loader, setup)
             seconds = time.perf_counter() - started
             improved = val["dice"] > best_dice
@@ -318,6 +322,15 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor
     opt.backward(loss)
     opt.step(model, clip_grad)
     return loss.detach()
+
+
+def refresh_batchnorm(net: UNet, loader: DataLoader, setup: Setup, epoch: int, count: int) -> None:
+    """BatchNorm's statistics for the weights as they are, from count training images: the running averages lag."""
+    if count > 0:
+        loader.sampler.set_epoch(epoch)  # from the epoch's start, also after a resume: the same images either way
+        batches = itertools.islice(loader, -(-count // loader.batch_size))
+        with utils.autocast(setup.device, setup.amp_dtype):
+            torch.optim.swa_utils.update_bn((images for images, _ in batches), net, setup.device)
 
 
 @torch.no_grad()
@@ -506,13 +519,11 @@ class Optimization:
         self.scaler.update()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {part: getattr(self, part).state_dict() for part in ("optimizer", "scheduler", "scaler")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        for part in ("optimizer", "scheduler", "scaler"):
+            getattr(self, part).load_state_dict(state[part])
 
 
 def fp32_warmup_steps(args: argparse.Namespace, scheduler: Any) -> int:
@@ -579,18 +590,10 @@ def checkpoint_state(net: UNet, opt: Optimization, epoch: int, best_dice: float,
                      split: dict[str, list[str]], rows: list[dict[str, Any]],
                      progress: dict[str, float] | None = None) -> dict[str, Any]:
     """Everything needed to resume a run (epoch = the last completed one) or to rebuild its model."""
-    return {
-        "model": net.state_dict(),
-        "model_config": net.config,
-        **opt.state_dict(),
-        "epoch": epoch,
-        "progress": progress,  # position inside the next epoch when a signal interrupted it
-        "best_dice": best_dice,
-        "metrics": rows,       # the source of truth for metrics.csv on resume
-        "config": vars(args),
-        "split": split,
-        "rng": torch.get_rng_state(),
-    }
+    return {"model": net.state_dict(), "model_config": net.config, **opt.state_dict(), "epoch": epoch,
+            "progress": progress,  # position inside the next epoch when a signal interrupted it
+            "best_dice": best_dice, "metrics": rows,  # metrics: the source of truth for metrics.csv on resume
+            "config": vars(args), "split": split, "rng": torch.get_rng_state()}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import csv
+import itertools
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import torch
 import dataset as ds
 import train
 import utils
+from model import UNet
 from stopping import signal_at_loss_call
 
 TINY = ["--features", "4", "8", "--height", "32", "--width", "48", "--batch-size", "8", "--workers", "0",
@@ -152,6 +154,44 @@ def test_init_starts_from_the_weights_and_split_of_another_run(two_epoch_run, sy
     assert json.loads((out / "split.json").read_text()) == init["split"]  # its held-out cars stay held out
     config = json.loads((out / "config.json").read_text())
     assert config["features"] == [4, 8] and config["height"] == 64  # the checkpoint's UNet, this run's size
+
+
+def test_batchnorm_is_refreshed_from_the_epochs_first_training_images(synthetic_dir):
+    args, _ = train.parse_args(["--data-dir", str(synthetic_dir), *TINY, "--device", "cpu", "--amp", "off"])
+    setup = train.Setup.create(args)
+    loader = train.make_loader(train.load_split(args, None, setup)[0], args, setup, train=True)
+    net = UNet(features=[4, 8])
+    first_conv, first_bn = net.downs[0][0], net.downs[0][1]
+    first_bn.running_mean.fill_(100.0)  # statistics far from what the weights produce
+    train.refresh_batchnorm(net, loader, setup, epoch=3, count=12)  # 12 images: two batches of 8
+    loader.sampler.set_epoch(3)
+    images = torch.cat([batch for batch, _ in itertools.islice(loader, 2)])
+    with torch.no_grad():
+        expected = first_conv(images).mean(dim=(0, 2, 3))  # the mean over those 16 images, per channel
+    assert torch.allclose(first_bn.running_mean, expected, atol=1e-5)
+    assert first_bn.momentum == 0.1 and net.training  # as they were before the refresh
+
+
+def test_validation_scores_with_batchnorm_statistics_of_the_trained_weights(synthetic_dir, tmp_path, monkeypatch):
+    real_epoch = train.train_one_epoch
+
+    def epoch_with_stale_statistics(model, *args, **kwargs):  # running averages far behind the weights
+        loss = real_epoch(model, *args, **kwargs)
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.running_mean.fill_(100.0)
+        return loss
+    monkeypatch.setattr(train, "train_one_epoch", epoch_with_stale_statistics)
+    runs = {}
+    for name, flags in (("refreshed", []), ("kept", ["--bn-images", "0"])):
+        assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(tmp_path / name), "--epochs", "1",
+                           *TINY, *flags]) == 0
+        runs[name] = utils.load_checkpoint(tmp_path / name / "last.pt")
+    refreshed, kept = runs["refreshed"]["model"], runs["kept"]["model"]
+    weights = [name for name in kept if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(refreshed[name], kept[name]) for name in weights)  # the same training
+    assert (kept["downs.0.1.running_mean"] == 100).all() and (refreshed["downs.0.1.running_mean"].abs() < 100).all()
+    assert runs["refreshed"]["metrics"][0]["val_loss"] < runs["kept"]["metrics"][0]["val_loss"]
 
 
 def test_cache_is_skipped_when_it_would_not_fit_in_memory(capsys):
