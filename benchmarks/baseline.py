@@ -3,7 +3,7 @@
     python benchmarks/baseline.py TRAIN_FLAGS...   # train.py, decoding this way (bench_epoch.py's baseline)
 
 Everything else the baseline changes is a train.py flag (--amp off --no-channels-last --workers 0
---no-cache --no-fused-adamw), so only the decode is swapped here, by replacing
+--no-cache --no-fused-adamw --bn-images 0), so only the decode is swapped here, by replacing
 dataset.load_image/load_mask_resized.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from PIL import Image
 import common  # noqa: F401  (puts the repo on sys.path)
 import dataset as ds
 
-BASELINE_FLAGS = ["--amp", "off", "--no-channels-last", "--workers", "0", "--no-cache", "--no-fused-adamw"]
+BASELINE_FLAGS = ["--amp", "off", "--no-channels-last", "--workers", "0", "--no-cache", "--no-fused-adamw",
+                  "--bn-images", "0"]  # a plain loop validates with BatchNorm's running averages
 
 
 def plain_load_image(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:

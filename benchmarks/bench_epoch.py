@@ -6,15 +6,17 @@ Both sides are train.py itself, run as a subprocess for one epoch (start-up, dat
 training, validation, checkpoint and plots included) on the same symlinked subset of cars:
   project:  python train.py --epochs 1 ...                            (its defaults)
   baseline: python benchmarks/baseline.py --epochs 1 ... --amp off --no-channels-last --workers 0 --no-cache
-            --no-fused-adamw
+            --no-fused-adamw --bn-images 0
             (baseline.py is train.py with the decode swapped for a full-size PIL decode + resize,
              the one baseline setting train.py has no flag for)
 Runs alternate, baseline first; the table gives medians and the median of the per-repeat ratios,
 the start-up (from launch to train.py's first line, after the data check and set-up), and each
 run's validation Dice: same seed, data and sample order on both sides, so it shows whether the
-project's mixed precision and reduced-size decode cost accuracy. One pair is a coin flip (bf16 and
-fp32 runs drift apart chaotically); --vary-seed gives repeat r the seed r (plus --first-seed) on
-both sides (another init, split and order each repeat) and reports the mean of the paired differences:
+project's mixed precision and reduced-size decode cost accuracy (its validation also recomputes
+BatchNorm's statistics, which the plain loop does not; --precision-only leaves precision as the only
+difference). One pair is a coin flip (bf16 and fp32 runs drift apart chaotically); --vary-seed gives
+repeat r the seed r (plus --first-seed) on both sides (another init, split and order each repeat) and
+reports the mean of the paired differences:
 
     python benchmarks/bench_epoch.py --cars 10 --val-cars 2 --repeats 5 --vary-seed \
         --features 16 32 64 128 --train-flags --epochs 10 --lr 3e-3    # a fixed short training
