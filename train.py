@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "operation (default: on; --no-fused-adamw: torch's default kernels, as a plain loop)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
-    run.add_argument("--bn-images", type=int, default=16, help="training images from which BatchNorm's statistics "
-                     "are recomputed before each validation, 0: keep the running averages (default: %(default)s)")
+    run.add_argument("--bn-images", type=int, default=0, metavar="N", help="recompute BatchNorm's statistics from N "
+                     "training images before each validation (default 0: the running averages, which lag at a high lr)")
     run.add_argument("--num-predictions", type=int, default=4,
                      help="validation images saved whenever validation Dice improves (default: %(default)s)")
     run.add_argument("--init", metavar="CHECKPOINT",
