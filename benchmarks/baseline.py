@@ -20,7 +20,7 @@ import common  # noqa: F401  (puts the repo on sys.path)
 import dataset as ds
 
 BASELINE_FLAGS = ["--amp", "off", "--no-channels-last", "--workers", "0", "--no-cache", "--no-fused-adamw",
-                  "--bn-images", "0"]  # a plain loop validates with BatchNorm's running averages
+                  "--bn-images", "0"]  # running averages, as a plain loop has: explicit, whatever train.py's default
 
 
 def plain_load_image(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:

@@ -12,11 +12,10 @@ training, validation, checkpoint and plots included) on the same symlinked subse
 Runs alternate, baseline first; the table gives medians and the median of the per-repeat ratios,
 the start-up (from launch to train.py's first line, after the data check and set-up), and each
 run's validation Dice: same seed, data and sample order on both sides, so it shows whether the
-project's mixed precision and reduced-size decode cost accuracy (its validation also recomputes
-BatchNorm's statistics, which the plain loop does not; --precision-only leaves precision as the only
-difference). One pair is a coin flip (bf16 and fp32 runs drift apart chaotically); --vary-seed gives
-repeat r the seed r (plus --first-seed) on both sides (another init, split and order each repeat) and
-reports the mean of the paired differences:
+project's mixed precision and reduced-size decode cost accuracy (--train-flags --bn-images N adds a
+BatchNorm refresh to the project's side only). One pair is a coin flip (bf16 and fp32 runs drift apart
+chaotically); --vary-seed gives repeat r the seed r (plus --first-seed) on both sides (another init, split
+and order each repeat) and reports the mean of the paired differences:
 
     python benchmarks/bench_epoch.py --cars 10 --val-cars 2 --repeats 5 --vary-seed \
         --features 16 32 64 128 --train-flags --epochs 10 --lr 3e-3    # a fixed short training

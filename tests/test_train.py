@@ -172,7 +172,7 @@ def test_batchnorm_is_refreshed_from_the_epochs_first_training_images(synthetic_
     assert first_bn.momentum == 0.1 and net.training  # as they were before the refresh
 
 
-def test_validation_scores_with_batchnorm_statistics_of_the_trained_weights(synthetic_dir, tmp_path, monkeypatch):
+def test_bn_images_recomputes_batchnorm_statistics_and_the_default_keeps_them(synthetic_dir, tmp_path, monkeypatch):
     real_epoch = train.train_one_epoch
 
     def epoch_with_stale_statistics(model, *args, **kwargs):  # running averages far behind the weights
