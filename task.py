@@ -74,12 +74,6 @@ def keep_largest_region(mask: np.ndarray) -> np.ndarray:
     return car | ~np.isin(regions, outside)
 
 
-def sums_device(device: torch.device) -> torch.device:
-    """Where a set's float64 running sums (metrics, loss) live: on the device, but on the CPU for MPS (no float64)."""
-    device = torch.device(device)
-    return torch.device("cpu") if device.type == "mps" else device
-
-
 class BinaryTask:
     """One logit per pixel (car or not): BCE + soft Dice on coverage targets, a car where its probability is high."""
 
@@ -113,7 +107,7 @@ class BinaryTask:
         return masks > 0.5
 
     def metrics(self, device: torch.device) -> BinaryMetrics:
-        return BinaryMetrics(sums_device(device))
+        return BinaryMetrics(device)
 
     def describe(self, m: dict[str, Any]) -> str:
         """The scores of a metrics dict in one line."""
@@ -152,7 +146,7 @@ class MulticlassTask:
         return masks
 
     def metrics(self, device: torch.device) -> MulticlassMetrics:
-        return MulticlassMetrics(self.classes, self.ignore_index, sums_device(device))
+        return MulticlassMetrics(self.classes, self.ignore_index, device)
 
     def describe(self, m: dict[str, Any]) -> str:
         """The scores of a metrics dict in one line, saying which classes each mean covers."""

@@ -365,6 +365,12 @@ def sync_buffers_from_rank0(net: torch.nn.Module) -> torch.nn.Module:
 
 # --- metrics ----------------------------------------------------------------------------------
 
+def sums_device(device: str | torch.device) -> torch.device:
+    """Where a set's float64 running sums live: on the device, but on the CPU for MPS (no float64 there)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 class BinaryMetrics:
     """Dice, IoU and pixel accuracy over a whole set of binary masks, never averaged per batch: over every pixel
     of the set, and as the mean of per-image scores (Kaggle's metric; an image empty in both scores 1)."""
@@ -373,7 +379,7 @@ class BinaryMetrics:
     FIELDS = ("intersection", "predicted", "target", "correct", "pixels", "dice_sum", "iou_sum", "images")
 
     def __init__(self, device: str | torch.device = "cpu"):
-        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=sums_device(device))
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -418,7 +424,7 @@ class MulticlassMetrics:
     def __init__(self, classes: int, ignore_index: int = 255, device: str | torch.device = "cpu"):
         self.classes, self.ignore_index = classes, ignore_index
         # The confusion matrix (target x prediction, flattened), then the image count: one tensor to all_reduce.
-        self.sums = torch.zeros(classes * classes + 1, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(classes * classes + 1, dtype=torch.float64, device=sums_device(device))
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -598,3 +604,4 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
+

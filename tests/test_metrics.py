@@ -56,7 +56,8 @@ def test_empty_masks():
 @pytest.mark.parametrize("classes", [1, 3])
 def test_sums_stay_on_the_cpu_for_mps_which_has_no_float64(classes):
     # On a Mac, --device auto is mps: float64 sums there failed at the first validation, losing the epoch.
-    from task import make_task, sums_device
+    from task import make_task
+    from utils import sums_device
     assert sums_device(torch.device("mps")) == torch.device("cpu")
     assert sums_device(torch.device("cpu")) == torch.device("cpu")
     metrics = make_task(classes).metrics(torch.device("mps"))  # made without an MPS device: nothing is put there
