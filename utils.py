@@ -605,3 +605,13 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
 
+
+def write_progress(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
+    """metrics.csv and curves.png for the epochs so far. One that another program holds locked (Excel does, on
+    Windows) is left as it was, with a warning: the checkpoint keeps the rows, and the next epoch tries again."""
+    for name, write in (("metrics.csv", write_metrics_csv), ("curves.png", plot_curves)):
+        try:
+            write(rows, out_dir / name)
+        except PermissionError as e:
+            print(f"\nwarning: {out_dir / name} not updated ({e.strerror}): is it open in another program? "
+                  f"Close it; the next epoch writes it again, and last.pt holds every epoch's row", file=sys.stderr)

@@ -160,6 +160,29 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_on
     assert utils.load_checkpoint(out / "last.pt")["epoch"] == 1
     assert utils.load_checkpoint(out / "best.pt")["epoch"] == 1
 
+
+def test_metrics_csv_held_open_elsewhere_warns_and_is_written_again_next_epoch(
+        synthetic_dir, uninterrupted, tmp_path, monkeypatch, capsys):
+    """Excel on Windows locks the csv it shows: the rename over it fails, which must not end the run."""
+    out = tmp_path / "run"
+    replace, renames = os.replace, []
+
+    def locked_during_epoch_2(src, dst):
+        if Path(dst).name == "metrics.csv":
+            renames.append(dst)
+            if len(renames) == 2:
+                raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", locked_during_epoch_2)
+    assert train.main(["--data-dir", str(synthetic_dir), "--out-dir", str(out), "--epochs", "3", *TINY]) == 0
+    assert len(renames) == 3
+    assert f"warning: {out / 'metrics.csv'} not updated (Permission denied)" in capsys.readouterr().err
+    assert metric_rows(out) == metric_rows(uninterrupted)  # epoch 3 wrote all three rows
+    assert len(utils.load_checkpoint(out / "last.pt")["metrics"]) == 3
+    assert not list(out.glob(".metrics.csv.*"))  # the failed rename's temporary file is gone
+
+
 class Payload:
     """Unpickling this runs code: it creates a file named by MARKER."""
     MARKER = None
