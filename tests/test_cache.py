@@ -55,6 +55,9 @@ def test_loader_workers_run_opencv_single_threaded_and_leave_ctrl_c_to_train(tmp
     monkeypatch.setattr(ds.multiprocessing, "get_start_method", lambda: start_method)
     threads = cv2.getNumThreads()
     cv2.setNumThreads(4)
+    # Python's own handler, as in a terminal: a shell's background job (nohup ... &) starts with SIGINT ignored,
+    # which forked workers would inherit.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         # the pool in use, as after --workers 0
         cv2.warpAffine(np.zeros((512, 512), np.uint8), np.eye(2, 3), (512, 512))
@@ -68,3 +71,4 @@ def test_loader_workers_run_opencv_single_threaded_and_leave_ctrl_c_to_train(tmp
         assert ctrl_c_ignored == ((start_method == "spawn"),) * 2
     finally:
         cv2.setNumThreads(threads)
+        signal.signal(signal.SIGINT, handler)
