@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dataset as ds
+import report
 import utils
 from check_dataset import classes_problem, usable_pairs
 from model import UNet, count_parameters
@@ -223,7 +224,7 @@ def run(args: argparse.Namespace, state: dict[str, Any] | None, rank: int, world
                 writer.save(checkpoint(epoch), out_dir / "last.pt", links=[out_dir / "best.pt"] if improved else [])
                 if improved and preview:
                     save_predictions(net, val_loader.dataset, preview, out_dir / "predictions", setup)
-                utils.write_progress(rows, out_dir)
+                report.write_progress(rows, out_dir)
                 print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
                       f"{setup.task.describe(val)}  [{val['images']} images at {args.height}x{args.width}]  "
                       f"{seconds:.1f}s{'  (best)' if improved else ''}", flush=True)

@@ -1,12 +1,11 @@
 """What every program shares: user errors, atomic file writes, CPU counts, checkpoints, devices and
-precision, the Dice/IoU/accuracy metrics, and the pictures and tables a run saves."""
+precision, the Dice/IoU/accuracy metrics, and the pictures a run saves."""
 from __future__ import annotations
 
 import argparse
 import colorsys
 import concurrent.futures
 import contextlib
-import csv
 import functools
 import json
 import multiprocessing
@@ -466,7 +465,7 @@ def image_scores(pred: torch.Tensor, truth: torch.Tensor, classes: int = 1, igno
     return metrics.compute()
 
 
-# --- pictures and tables: masks, panels, error maps, metrics.csv, curves.png ------------------
+# --- pictures: masks, panels, error maps -----------------------------------------------------
 
 # Class colours: background black, then Sasha Trubetskoy's 20 distinct colours; more classes get hues
 # spread by the golden ratio. Indices with no class (e.g. the ignore index 255) are white.
@@ -565,53 +564,3 @@ def save_prediction_images(images: torch.Tensor, targets: torch.Tensor, preds: t
             draw.text((4 + k * (image.shape[-1] + 4), 2), title.format(dice=dice), fill="black")
         with atomic_write(out_dir / f"{name}_panel.png", "wb") as f:
             canvas.save(f, format="PNG")
-
-
-METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_acc", "lr", "seconds")
-
-
-def write_metrics_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Rewrite the per-epoch metrics table, atomically."""
-    with atomic_write(path) as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_metrics_csv(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.csv, numbers parsed; [] when it does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """curves.png: train/val loss and validation Dice per epoch."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
-    epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(10, 4))
-    ax_loss, ax_dice = fig.subplots(1, 2)
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_loss.legend()
-    ax_dice.plot(epochs, [r["val_dice"] for r in rows], "o-", color="tab:green")
-    ax_dice.set(xlabel="epoch", ylabel="Dice", title="Validation Dice (training size)")
-    for ax in (ax_loss, ax_dice):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-
-
-def write_progress(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
-    """metrics.csv and curves.png for the epochs so far. One that another program holds locked (Excel does, on
-    Windows) is left as it was, with a warning: the checkpoint keeps the rows, and the next epoch tries again."""
-    for name, write in (("metrics.csv", write_metrics_csv), ("curves.png", plot_curves)):
-        try:
-            write(rows, out_dir / name)
-        except PermissionError as e:
-            print(f"\nwarning: {out_dir / name} not updated ({e.strerror}): is it open in another program? "
-                  f"Close it; the next epoch writes it again, and last.pt holds every epoch's row", file=sys.stderr)

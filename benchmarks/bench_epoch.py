@@ -35,6 +35,7 @@ from typing import Any
 import common
 from baseline import BASELINE_FLAGS
 import dataset as ds
+import report
 import train
 import utils
 
@@ -74,7 +75,7 @@ def run_epoch(command: list[str], log: Path) -> dict[str, Any]:
 
 def validation_dice(run_dir: Path) -> float | None:
     """The validation Dice the run wrote to its metrics.csv after its (last) epoch."""
-    rows = utils.read_metrics_csv(run_dir / "metrics.csv")
+    rows = report.read_metrics_csv(run_dir / "metrics.csv")
     return rows[-1]["val_dice"] if rows else None
 
 

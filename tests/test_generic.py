@@ -13,6 +13,7 @@ import check_dataset
 import dataset as ds
 import evaluate
 import predict
+import report
 import synthetic
 import task
 import train
@@ -165,7 +166,7 @@ def test_three_class_synthetic_set_learns_foreground_iou_above_0_8(tmp_path: Pat
     assert train.main(["--data-dir", str(data), "--out-dir", str(run), "--classes", "3", "--features", "8", "16", "32",
                        "--height", "64", "--width", "96", "--epochs", "20", "--batch-size", "4", "--lr", "5e-3",
                        "--val-cars", "1", "--workers", "0", "--num-predictions", "2", "--device", "cpu"]) == 0
-    rows = utils.read_metrics_csv(run / "metrics.csv")
+    rows = report.read_metrics_csv(run / "metrics.csv")
     assert rows[-1]["val_iou"] >= 0.8, rows[-1]  # val_iou: the mean over the foreground classes
     out = capsys.readouterr().out
     assert "mean over foreground classes: Dice" in out and "incl. background: Dice" in out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import report
 import task
 import train
 import utils
@@ -30,7 +31,7 @@ def same_weights(a, b):
 
 def metric_rows(run):
     """metrics.csv rows without the wall-clock column."""
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in utils.read_metrics_csv(run / "metrics.csv")]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in report.read_metrics_csv(run / "metrics.csv")]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dataset as ds
+import report
 import train
 import utils
 from model import UNet
@@ -56,7 +57,7 @@ def test_checkpoint_holds_everything_to_resume(two_epoch_run):
         assert key in state, key
     assert state["epoch"] == 2
     best = utils.load_checkpoint(two_epoch_run / "best.pt")
-    assert best["best_dice"] == max(r["val_dice"] for r in utils.read_metrics_csv(two_epoch_run / "metrics.csv"))
+    assert best["best_dice"] == max(r["val_dice"] for r in report.read_metrics_csv(two_epoch_run / "metrics.csv"))
 
 
 def test_resume_with_other_epochs_is_refused_in_one_line_and_changes_nothing(two_epoch_run, capsys):
