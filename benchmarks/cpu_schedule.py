@@ -48,6 +48,8 @@ class Schedule:
 
 SCHEDULES = {
     "bf16": (
+        Schedule("16 32 64 128 256", 16, "256x384", 9, "448x672", "448x672 512x768 576x864",
+                 "0.9931 and 0.9934 from two stage-1 paths; 28.1 min on a 2-core AMD Zen 5"),
         Schedule("16 32 64 128 256", 16, "256x384", 9, "384x576", SCORED_SIZES,
                  "0.9926 (0.9931 before the fused AdamW's rounding); 23.3-31.6 min on 2-core AMD Zen 4 and 5"),
         Schedule("16 32 64 128 256", 8, "160x240", 7, "384x576", SCORED_SIZES,
@@ -135,7 +137,8 @@ def main() -> None:
                         help="the training budget; 0: the class's best schedule, not probed (default: %(default)s)")
     parser.add_argument("--margin", type=float, default=1.15,
                         help="estimated epoch time over the steps' own (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps of each probe (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=15,
+                        help="timed steps of each probe; fewer make a noisier estimate (default: %(default)s)")
     parser.add_argument("--dir", default="runs", help="where to time a checkpoint's write (default: %(default)s)")
     parser.add_argument("stage", nargs=argparse.REMAINDER,
                         help="after --: the stages' other train.py flags (cpu_recipe.sh's batch, split, workers, "

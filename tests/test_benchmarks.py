@@ -243,25 +243,27 @@ def test_cpu_schedule_takes_the_best_measured_schedule_that_fits_or_cuts_the_bes
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from dataclasses import replace
     from cpu_schedule import SCHEDULES, choose, cut_to_fit, training_seconds
-    best, second = SCHEDULES["bf16"]
-    seconds = {("16 32 64 128 256", "256x384"): 100.0, ("16 32 64 128 256", "384x576"): 200.0,
-               ("16 32 64 128 256", "160x240"): 50.0}
+    best, second, third = SCHEDULES["bf16"]
+    seconds = {("16 32 64 128 256", "256x384"): 100.0, ("16 32 64 128 256", "448x672"): 300.0,
+               ("16 32 64 128 256", "384x576"): 200.0, ("16 32 64 128 256", "160x240"): 50.0}
 
     def epoch_seconds(features: str, size: str) -> float:
         return seconds[features, size]
 
-    assert training_seconds(best, epoch_seconds) == 16 * 100 + 9 * 200  # 56.7 min
-    assert training_seconds(second, epoch_seconds) == 8 * 50 + 7 * 200  # 30 min
-    assert choose(SCHEDULES["bf16"], epoch_seconds, 60) == best
-    assert choose(SCHEDULES["bf16"], epoch_seconds, 30) == second  # the best measured one that fits
-    cut = choose(SCHEDULES["bf16"], epoch_seconds, 27)  # none fits: the second, nearer to fitting, is cut
-    assert (cut.features, cut.size1, cut.size2, cut.sizes) == (second.features, second.size1, second.size2,
-                                                                second.sizes)
+    assert training_seconds(best, epoch_seconds) == 16 * 100 + 9 * 300  # 71.7 min
+    assert training_seconds(second, epoch_seconds) == 16 * 100 + 9 * 200  # 56.7 min
+    assert training_seconds(third, epoch_seconds) == 8 * 50 + 7 * 200  # 30 min
+    assert choose(SCHEDULES["bf16"], epoch_seconds, 72) == best
+    assert choose(SCHEDULES["bf16"], epoch_seconds, 60) == second  # the best measured one that fits
+    assert choose(SCHEDULES["bf16"], epoch_seconds, 30) == third
+    cut = choose(SCHEDULES["bf16"], epoch_seconds, 27)  # none fits: the third, nearest to fitting, is cut
+    assert (cut.features, cut.size1, cut.size2, cut.sizes) == (third.features, third.size1, third.size2,
+                                                                third.sizes)
     assert training_seconds(cut, epoch_seconds) <= 27 * 60 and "not measured" in cut.measured
     # both stages cut in proportion (0.9: 7.2 and 6.3 epochs, floored to 7 and 6)
     assert (cut.epochs1, cut.epochs2) == (7, 6)
-    assert cut_to_fit(best, epoch_seconds, 10**6) == replace(best, measured="not measured (cut to fit)")  # no more
-    given_back = cut_to_fit(best, epoch_seconds, 2244)  # 0.66: 10.56 and 5.94 epochs, floored to 10 and 5 (2000 s)
+    assert cut_to_fit(second, epoch_seconds, 10**6) == replace(second, measured="not measured (cut to fit)")
+    given_back = cut_to_fit(second, epoch_seconds, 2244)  # 0.66: 10.56 and 5.94 epochs, floored to 10 and 5 (2000 s)
     assert (given_back.epochs1, given_back.epochs2) == (10, 6)  # and a sixth at 384x576 fits (2200 s)
     tiny = choose(SCHEDULES["bf16"], epoch_seconds, 0.1)
     assert (tiny.epochs1, tiny.epochs2) == (1, 1)  # never fewer than one epoch a stage
