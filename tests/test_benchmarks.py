@@ -190,7 +190,7 @@ def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
     first, _ = train.parse_args(stage1[1:])
     second, _ = train.parse_args(stage2[1:])
     assert (first.height, first.width, first.epochs, second.height, second.width, second.epochs) == \
-        (256, 384, 16, 384, 576, 9)
+        (256, 384, 16, 448, 672, 9)
     assert first.features == second.features == [16, 32, 64, 128, 256] and second.edge_weight == 5
     assert second.init == str(tmp_path / "runs" / "stage1" / "last.pt")
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -204,7 +204,7 @@ def test_cpu_recipe_runs_two_stages_train_py_accepts(tmp_path):
     assert first.device == "cpu"
     scoring = evaluate.parse_args(evaluation[1:])
     assert scoring.checkpoint == str(tmp_path / "runs" / "stage2" / "best.pt") and scoring.tta
-    assert scoring.size == [(384, 576), (448, 672), (512, 768)]
+    assert scoring.size == [(448, 672), (512, 768), (576, 864)]  # 1, 1.14 and 1.29 times stage 2's size
     augmentation = ("shift", "zoom", "rotate", "grey")
     first_place = "--shift 0.0625 --zoom 0.91 1.21 --rotate 7 --grey 0.1"
     ranges, _ = train.parse_args(recipe_commands(tmp_path / "aug", CPU_CLASS="bf16", AUG2=first_place)[2][1:])
