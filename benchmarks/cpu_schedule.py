@@ -57,7 +57,8 @@ SCHEDULES = {
     ),
     "avx2": (  # six levels half as wide: a fp32 step 2-3x cheaper than five levels'
         Schedule("8 16 32 64 128 256", 8, "192x288", 6, "384x576", SCORED_SIZES,
-                 "0.9900 (0.9904 with another seed of stage 2); 32.8 min on a 2-core Intel Xeon held to AVX2"),
+                 "0.9900 on two paths, 0.9904 on a third; 32.8 min on a 2-core Intel Xeon, 12.9 on a Zen 5, "
+                 "both held to AVX2"),
         Schedule("16 32 64 128 256", 7, "160x240", 3, "320x480", "320x480 384x576 416x624",
                  "0.9894; 22.2 min on a 2-core AMD Zen 2"),
         Schedule("8 16 32 64 128 256", 5, "192x288", 4, "384x576", SCORED_SIZES,  # the first, cut once by the probe
