@@ -13,8 +13,8 @@
 # best schedule measured end to end that it estimates to fit MINUTES (30) of training; when none fits, it cuts the one
 # nearest to fitting. Its schedules, best first:
 #   bf16: bf16 units (bf16 autocast): five levels (16..256); 16 epochs at 256x384, then 9 at 448x672, where a pixel
-#         is 2.9 photo pixels (28.1 min on a 2-core Zen 5), scored at 448x672 512x768 576x864; or the same with
-#         stage 2 at 384x576 (23.3 min there); or 8 at 160x240, then 7 at 384x576 (27.4 min on a 2-core Intel Xeon
+#         is 2.9 photo pixels (27.3-28.1 min on a 2-core Zen 5), scored at 448x672 512x768 576x864; or the same
+#         with stage 2 at 384x576 (23.3 min there); or 8 at 160x240, then 7 at 384x576 (27.4 min on a 2-core Intel Xeon
 #         with AMX, where the first takes about 50); these two scored at 384x576 448x672 512x768.
 #   avx2: AVX2 only (fp32): six levels half as wide (8..256), whose fp32 step costs 2-3x less than five levels':
 #         8 epochs at 192x288, then 6 at 384x576 (32.8 min on a 2-core Xeon held to AVX2, about 23 on a Zen 2,

@@ -49,7 +49,7 @@ class Schedule:
 SCHEDULES = {
     "bf16": (
         Schedule("16 32 64 128 256", 16, "256x384", 9, "448x672", "448x672 512x768 576x864",
-                 "0.9931 and 0.9934 from two stage-1 paths; 28.1 min on a 2-core AMD Zen 5"),
+                 "0.9931 and 0.9934 from two stage-1 paths; 27.3-28.1 min on a 2-core AMD Zen 5"),
         Schedule("16 32 64 128 256", 16, "256x384", 9, "384x576", SCORED_SIZES,
                  "0.9926 (0.9931 before the fused AdamW's rounding); 23.3-31.6 min on 2-core AMD Zen 4 and 5"),
         Schedule("16 32 64 128 256", 8, "160x240", 7, "384x576", SCORED_SIZES,
